@@ -277,8 +277,11 @@ run_playbook() {
             "$VENV/bin/ansible-playbook" -i "$SRC/playbooks/inventory/localhost.yml" "$SRC/playbooks/site.yml" \
             -e "@$ANSWERS" -e "appliance_src=$SRC" ${_check:+--check} ${_check:+--diff} 2>&1
         echo $? >"$_rc_file"
-    } | tee -a "$LOG" | awk '/^TASK \[/ { sub(/^TASK \[/, "    "); sub(/\] \**$/, ""); print; fflush(); next }
-        /^(fatal|failed):/ || /"msg":/ { print "      " $0; fflush() }'
+    } | tee -a "$LOG" | awk '
+        /^TASK \[/ { shown = 0; sub(/^TASK \[/, "    "); sub(/\] \**$/, ""); print; fflush(); next }
+        /^(fatal|failed):/ { shown = 1; print "      " $0; fflush(); next }
+        shown && /^[[:space:]]/ && shown++ < 25 { print "      " $0; fflush(); next }
+        { shown = 0 }'
     _rc=$(cat "$_rc_file" 2>/dev/null || echo 2)
     RECAP=$(sed -n '/^PLAY RECAP/,$p' "$LOG" | grep -E '^[^ ].* : ok=' | tail -1)
     return "$_rc"
@@ -422,16 +425,21 @@ run_rehearse() {
     rehearse_exec /opt/clinic-edge-src/installer/install.sh --bundle /opt/clinic-edge-bundle --profile cpu \
         --lan 192.168.0.0/16 --yes || { REHEARSE_FAILED=1; }
     if [ -n "${REHEARSE_FAILED:-}" ]; then
+        [ -n "$KEEP" ] && rehearse_keep_note
         fatal "the install inside the rehearsal container failed (its output is above)." "Fix the cause; --rehearse --keep leaves the container for a look." 1
     fi
-    if [ -n "$KEEP" ]; then
-        info ""
-        info "The container keeps running: root $REHEARSE_ROOT, systemd PID $REHEARSE_PID (nspawn PID $REHEARSE_NSPAWN)."
-        info "  Enter it:    sudo nsenter -t $REHEARSE_PID -a /bin/bash"
-        info "  Tear down:   sudo kill $REHEARSE_NSPAWN && sudo rm -rf $REHEARSE_ROOT"
-        REHEARSE_NSPAWN=''
-    fi
+    [ -n "$KEEP" ] && rehearse_keep_note
     info "Rehearsal passed in $(elapsed) s."
+}
+
+rehearse_keep_note() {
+    info ""
+    info "The container keeps running: root $REHEARSE_ROOT, systemd PID $REHEARSE_PID (nspawn PID $REHEARSE_NSPAWN)."
+    info "  Enter it:    sudo nsenter -t $REHEARSE_PID -a /bin/bash"
+    info "  Tear down:   sudo kill $REHEARSE_NSPAWN && sudo rm -rf $REHEARSE_ROOT"
+    # Machine-readable for tests and scripts.
+    info "rehearsal: pid=$REHEARSE_PID nspawn=$REHEARSE_NSPAWN root=$REHEARSE_ROOT"
+    REHEARSE_NSPAWN=''
 }
 
 rehearse_rootfs() {
