@@ -343,11 +343,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 c = x509.load_pem_x509_certificate(open(sys.argv[1], "rb").read())
 print(":".join(f"{b:02X}" for b in c.fingerprint(hashes.SHA256())))' "$ETC/tls/ca.crt" 2>/dev/null)
-    _verdict=$("$VENV/bin/python" -c 'import json,sys
+    _verdict=$("$VENV/bin/python" -c 'import json, sys
 d = json.load(open(sys.argv[1]))
 v = d.get("verdict", {})
 t = d.get("summary", {}).get("ttft_ms", {}).get("p99")
-print(("PASSED" if v.get("passed") else "FAILED") + (f" (TTFT p99 {t:.0f} ms)" if isinstance(t, (int, float)) else "") + (f": {v.get(\"reason\")}" if v.get("reason") else ""))' \
+out = "PASSED" if v.get("passed") else "FAILED"
+if isinstance(t, (int, float)):
+    out += " (TTFT p99 %.0f ms)" % t
+if not v.get("passed") and v.get("reason"):
+    out += ": " + str(v["reason"])
+print(out)' \
         "$STATE/selftest/latest.json" 2>/dev/null || echo "no result")
     info ""
     info "clinic-edge is installed ($(elapsed) s)."
