@@ -202,6 +202,15 @@ def test_uninstall_leaves_no_clinic_edge_unit_and_keeps_the_models(rehearsal: Re
     assert rehearsal.run("nft", "list", "table", "inet", "clinic_edge").returncode != 0
 
 
+def test_check_on_a_bare_box_shows_the_plan_and_changes_nothing(rehearsal: Rehearsal) -> None:
+    proc = rehearsal.run(INNER_INSTALL, "--check", "--bundle", "/opt/clinic-edge-bundle", "--profile", "cpu",
+                         "--lan", "192.168.0.0/16")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "An install would" in proc.stdout
+    assert not (rehearsal.root / "opt/clinic-edge").exists()
+    assert not (rehearsal.root / "etc/clinic-edge").exists()
+
+
 def test_a_preflight_failure_changes_nothing(rehearsal: Rehearsal) -> None:
     # Too little disk for the model: a 64 KiB filesystem over the state folder (models not there yet).
     assert rehearsal.run("mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", "/var/lib/clinic-edge").returncode == 0
