@@ -417,13 +417,24 @@ run_rehearse() {
     [ -x "$_py" ] || fatal "no Python with clinic-edge[cpu] to build the bundle ($_py)." "Create it: python3 -m venv .venv && .venv/bin/pip install -e '.[cpu]' (or set CLINIC_EDGE_PYTHON)."
     _cache=${CLINIC_EDGE_CACHE:-$HOME/.cache/clinic-edge}
     _bundle=$_cache/rehearsal-bundle
+    mkdir -p "$_cache"
+    REHEARSE_ROOT=$(mktemp -d "${CLINIC_EDGE_REHEARSE_DIR:-/var/tmp}/clinic-edge-rehearse.XXXXXX")
+    _root=$REHEARSE_ROOT
+    step "Preparing a Debian 12 root in $_root (debootstrap, cached), meanwhile the bundle"
+    # The two slow preparations overlap: debootstrap waits on the Debian mirror, the bundle on PyPI and the CPU.
+    rehearse_rootfs "$_cache" "$_root" >"$_root.rc" 2>&1 &
+    _rootfs_job=$!
     step "Building the offline bundle (cpu profile, demo model) in $_bundle (cached)"
+    _bundle_rc=0
     "$_py" -m appliance bundle build --out "$_bundle" --profile cpu --demo-model --cache "$_cache/bundle" >>"$LOG" 2>&1 ||
-        fatal "building the bundle failed." "See $LOG."
-    step "Preparing a Debian 12 root (debootstrap, cached)"
-    _root=$(rehearse_rootfs "$_cache")
+        _bundle_rc=$?
+    wait "$_rootfs_job"
+    _rootfs_rc=$?
+    cat "$_root.rc" >>"$LOG"
+    rm -f "$_root.rc"
+    [ "$_bundle_rc" -eq 0 ] || fatal "building the bundle failed." "See $LOG."
+    [ "$_rootfs_rc" -eq 0 ] || fatal "debootstrap failed." "See $LOG; it needs the Debian mirror (deb.debian.org) once, then it is cached."
     step "Booting it with systemd-nspawn (private network: no way out)"
-    REHEARSE_ROOT=$_root
     REHEARSE_NAME=$(basename "$_root")
     rehearse_boot "$_root" "$_bundle"
     step "Running the install inside: ./install.sh --bundle --profile cpu"
@@ -445,23 +456,20 @@ rehearse_keep_note() {
     # Machine-readable for tests and scripts.
     info "rehearsal: pid=$REHEARSE_PID nspawn=$REHEARSE_NSPAWN root=$REHEARSE_ROOT"
     REHEARSE_NSPAWN=''
+    REHEARSE_ROOT=''
 }
 
 rehearse_rootfs() {
-    _cache=$1
-    _tar=$_cache/debian12-rootfs.tar
-    _dir=$(mktemp -d "${CLINIC_EDGE_REHEARSE_DIR:-/var/tmp}/clinic-edge-rehearse.XXXXXX")
-    if [ ! -s "$_tar" ]; then
-        mkdir -p "$_cache"
-        debootstrap --variant=minbase \
-            --include=systemd,systemd-sysv,dbus,python3,python3-venv,nftables,iproute2,procps,ca-certificates,libnuma1,libgomp1,pciutils \
-            bookworm "$_dir" http://deb.debian.org/debian >>"$LOG" 2>&1 ||
-            fatal "debootstrap failed." "See $LOG; it needs the Debian mirror (deb.debian.org) once, then it is cached."
-        tar -C "$_dir" -cf "$_tar.tmp" . && mv "$_tar.tmp" "$_tar"
-    else
+    _tar=$1/debian12-rootfs.tar
+    _dir=$2
+    if [ -s "$_tar" ]; then
         tar -C "$_dir" -xf "$_tar"
+        return
     fi
-    printf '%s\n' "$_dir"
+    debootstrap --variant=minbase \
+        --include=systemd,systemd-sysv,dbus,python3,python3-venv,nftables,iproute2,procps,ca-certificates,libnuma1,libgomp1,pciutils \
+        bookworm "$_dir" http://deb.debian.org/debian || return 1
+    tar -C "$_dir" -cf "$_tar.tmp" . && mv "$_tar.tmp" "$_tar"
 }
 
 rehearse_boot() {
@@ -497,8 +505,9 @@ cleanup() {
         _i=0
         while kill -0 "$REHEARSE_NSPAWN" 2>/dev/null && [ $_i -lt 30 ]; do sleep 1; _i=$((_i + 1)); done
         kill -9 "$REHEARSE_NSPAWN" 2>/dev/null
-        [ -n "${REHEARSE_ROOT:-}" ] && rm -rf "$REHEARSE_ROOT"
     fi
+    # A kept rehearsal clears REHEARSE_ROOT; anything else is thrown away.
+    if [ -n "${REHEARSE_ROOT:-}" ] && [ "$MODE" = rehearse ]; then rm -rf "$REHEARSE_ROOT" "$REHEARSE_ROOT.rc"; fi
     exit "$_rc"
 }
 
