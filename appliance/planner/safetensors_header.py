@@ -173,8 +173,11 @@ def _file_weights(path: Path) -> FileWeights:
         nbytes = offsets[1] - offsets[0]
         count = math.prod(shape)
         if nbytes != math.ceil(count * DTYPE_BYTES[dtype]):
-            raise _corrupt(path, f"tensor {name!r} ({dtype} {shape}) should take {count * DTYPE_BYTES[dtype]:.0f} "
-                           f"bytes but its data_offsets span {nbytes}")
+            raise _corrupt(
+                path,
+                f"tensor {name!r} ({dtype} {shape}) should take {count * DTYPE_BYTES[dtype]:.0f} "
+                f"bytes but its data_offsets span {nbytes}",
+            )
         total += nbytes
         params += count
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
@@ -184,8 +187,9 @@ def _file_weights(path: Path) -> FileWeights:
             path,
             f"its tensors end at byte {data_start + max_end:,} but the file is only {size:,} bytes long (truncated)",
         )
-    return FileWeights(path=path, tensor_bytes=total, num_tensors=len(header), num_params=params,
-                       bytes_by_dtype=by_dtype)
+    return FileWeights(
+        path=path, tensor_bytes=total, num_tensors=len(header), num_params=params, bytes_by_dtype=by_dtype
+    )
 
 
 def _index_files(index: Path) -> list[Path]:
