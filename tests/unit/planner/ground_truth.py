@@ -52,21 +52,91 @@ class Row:
 
 
 ROWS = [
-    Row(1, "Llama-3.1-8B-Instruct", H100_TOTAL, 1, 0.90, 16000, weights=14.99, activation=4.76, non_torch=0.13, kv=51.38),
-    Row(2, "Llama-3.1-70B-Instruct", H100_TOTAL, 2, 0.90, 16000, weights=33.88, activation=4.84, non_torch=0.55, kv=32.00),
-    Row(3, "Llama-3.1-70B-Instruct", H100_TOTAL, 1, 0.90, 16000, weights=67.72, activation=4.84, non_torch=0.14, kv=-1.44,
-        startup_fails=True),
+    Row(
+        1, "Llama-3.1-8B-Instruct", H100_TOTAL, 1, 0.90, 16000, weights=14.99, activation=4.76, non_torch=0.13, kv=51.38
+    ),
+    Row(
+        2,
+        "Llama-3.1-70B-Instruct",
+        H100_TOTAL,
+        2,
+        0.90,
+        16000,
+        weights=33.88,
+        activation=4.84,
+        non_torch=0.55,
+        kv=32.00,
+    ),
+    Row(
+        3,
+        "Llama-3.1-70B-Instruct",
+        H100_TOTAL,
+        1,
+        0.90,
+        16000,
+        weights=67.72,
+        activation=4.84,
+        non_torch=0.14,
+        kv=-1.44,
+        startup_fails=True,
+    ),
     Row(4, "Qwen3-32B", H100_TOTAL, 1, 0.90, 16000, weights=61.03, activation=5.64, non_torch=0.14, kv=4.45),
-    Row(6, "Mistral-Small-3.1-24B-Instruct-2503", H100_TOTAL, 1, 0.95, 16000, weights=44.76, activation=2.12,
-        non_torch=0.14, kv=28.20, tokens=184_832, concurrency=11.55),
+    Row(
+        6,
+        "Mistral-Small-3.1-24B-Instruct-2503",
+        H100_TOTAL,
+        1,
+        0.95,
+        16000,
+        weights=44.76,
+        activation=2.12,
+        non_torch=0.14,
+        kv=28.20,
+        tokens=184_832,
+        concurrency=11.55,
+    ),
     Row(7, "Qwen3-0.6B", H100_TOTAL, 1, 0.90, 16000, weights=1.12, activation=5.56, non_torch=0.13, kv=64.45),
     Row(8, "gpt-oss-20b", H100_TOTAL, 1, 0.90, 16000, weights=13.47, activation=7.38, non_torch=0.13, kv=50.28),
-    Row(9, "Qwen3-8B", H100_TOTAL, 1, 0.90, 40960, version=(0, 10), block_size=None, kv=50.32, tokens=366_400,
-        concurrency=8.95),
-    Row(11, "Llama-3.1-70B-Instruct", H100_TOTAL, 4, 0.90, 131072, version=(0, 10), block_size=None, kv=32.06,
-        tokens=420_208, concurrency=3.21),
-    Row(16, "gemma-3-4b-it", 178.36, 1, 0.90, 16384, version=(0, 10), block_size=None, batched_tokens=16384,
-        weights=8.58, activation=9.96, non_torch=0.07),
+    Row(
+        9,
+        "Qwen3-8B",
+        H100_TOTAL,
+        1,
+        0.90,
+        40960,
+        version=(0, 10),
+        block_size=None,
+        kv=50.32,
+        tokens=366_400,
+        concurrency=8.95,
+    ),
+    Row(
+        11,
+        "Llama-3.1-70B-Instruct",
+        H100_TOTAL,
+        4,
+        0.90,
+        131072,
+        version=(0, 10),
+        block_size=None,
+        kv=32.06,
+        tokens=420_208,
+        concurrency=3.21,
+    ),
+    Row(
+        16,
+        "gemma-3-4b-it",
+        178.36,
+        1,
+        0.90,
+        16384,
+        version=(0, 10),
+        block_size=None,
+        batched_tokens=16384,
+        weights=8.58,
+        activation=9.96,
+        non_torch=0.07,
+    ),
 ]
 # Rows with every term of the identity: the planner estimates activation and non-torch memory itself.
 ESTIMATED = [r for r in ROWS if r.weights is not None and not r.startup_fails]
@@ -98,8 +168,11 @@ def predict(row: Row, *, measured_kv: bool = False) -> Plan:
 
 def error_table() -> str:
     """The per-row errors, for the report (``python -m tests.unit.planner.ground_truth``)."""
-    lines = ["| # | model | TP | KV logged | KV planned | error GiB | Act logged | Act est. | Tok logged | Tok planned | "
-             "error % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| # | model | TP | KV logged | KV planned | error GiB | Act logged | Act est. | Tok logged | Tok planned | "
+        "error % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in ROWS:
         plan = predict(row)
         b = plan.budget
@@ -107,7 +180,9 @@ def error_table() -> str:
         tok = ""
         if row.tokens is not None:
             measured = predict(row, measured_kv=True).budget
-            tok = f"{row.tokens:,} | {measured.kv_tokens:,} | {100 * (measured.kv_tokens - row.tokens) / row.tokens:+.2f}"
+            tok = (
+                f"{row.tokens:,} | {measured.kv_tokens:,} | {100 * (measured.kv_tokens - row.tokens) / row.tokens:+.2f}"
+            )
         else:
             tok = "– | – | –"
         kv_cell = (
