@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
         default="auto",
         help="box to plan for; auto detects NVIDIA GPUs (NVML, /proc/meminfo on GB10), else cpu",
     )
-    hw.add_argument("--gpus", type=_positive_int, help="GPUs to use (default: all detected, or 1)")
+    hw.add_argument("--gpus", type=_positive_int, metavar="N", help="GPUs to use (default: all detected, or 1)")
     hw.add_argument(
         "--gpu-mem-gib",
         type=_positive_float,
@@ -88,14 +88,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
         help=f"unified memory kept for the OS, gateway and dashboard (default {DEFAULT_UNIFIED_RESERVE_GIB:g})",
     )
     wl = p.add_argument_group("workload")
-    wl.add_argument("--max-model-len", type=_positive_int, help="context per request (default: the model's maximum)")
+    wl.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        metavar="TOKENS",
+        help="context per request (default: the model's maximum)",
+    )
     wl.add_argument(
         "--concurrency",
         type=_positive_int,
         default=1,
         help="sessions that must fit at full length, spread over the replicas (default 1)",
     )
-    wl.add_argument("--images-per-request", type=int, help="images per request for vision models (default 1)")
+    wl.add_argument(
+        "--images-per-request", type=int, metavar="N", help="images per request for vision models (default 1)"
+    )
     wl.add_argument("--served-model-name", metavar="NAME", help="name clients use (default: the model directory's)")
     vk = p.add_argument_group("vLLM settings")
     vk.add_argument(
@@ -104,7 +111,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
         metavar="F",
         help="fraction of GPU memory vLLM requests (default: vLLM's, 0.85 cap on unified memory)",
     )
-    vk.add_argument("--tp", type=_positive_int, help="tensor-parallel size (default: 1 replica per GPU when it fits)")
+    vk.add_argument(
+        "--tp", type=_positive_int, metavar="N", help="tensor-parallel size (default: 1 replica per GPU when it fits)"
+    )
     vk.add_argument("--block-size", type=int, choices=(8, 16, 32, 64, 128, 256), help="KV block size in tokens")
     vk.add_argument(
         "--kv-cache-dtype",
@@ -214,7 +223,11 @@ def _run(args: argparse.Namespace) -> Outcome:
     )
     doc = plan_document(plan)
     text = plan_table(plan)
-    if args.write_env is not None:
+    if args.write_env is not None and plan.verdict == "does-not-fit":
+        # Keep the files of the last plan that fitted: a unit restarted with these flags would fail to start.
+        doc = doc | {"write_env": {"skipped": "does-not-fit: the existing files were left as they are"}}
+        text += f"\n\nnothing written in {args.write_env}: the plan does not fit (existing files left as they are)"
+    elif args.write_env is not None:
         report = write_env_dir(plan, args.write_env, json.dumps(doc, indent=2, sort_keys=True) + "\n")
         doc = doc | {"write_env": report}
         text += (

@@ -43,7 +43,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         "suggestions": plan.suggestions,
         "model": plan.facts.to_dict() | {"path": str(plan.model_dir) if plan.model_dir else None},
         "served_model_name": plan.served_model_name,
-        "hardware": plan.hardware.to_dict(),
+        "hardware": {key: round(v, 2) if isinstance(v, float) else v for key, v in plan.hardware.to_dict().items()},
         "vllm_version": ".".join(str(x) for x in k.vllm_version),
         "total_gib": _gib(b.total_bytes),
         "gpu_memory_utilization": k.gpu_memory_utilization if plan.hardware.kind == "cuda" else None,

@@ -324,3 +324,15 @@ def test_bad_input_is_one_clear_paragraph_and_exit_2(
     code = main(["plan", *[a.format(**paths) for a in argv], "--json"])
     out = capsys.readouterr().out
     assert code == 2 and json.loads(out)["error"]["message"]
+
+
+def test_write_env_keeps_the_last_good_files_when_nothing_fits(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "vllm"
+    good = [cfg("Llama-3.1-8B-Instruct"), "--hardware", "h100", "--max-model-len", "16000", "--write-env", str(out)]
+    assert run(capsys, *good, "--weights-gib", "14.99")[0] == 0
+    before = (out / "vllm-0.env").read_text()
+    code, doc, _ = run(capsys, *good, "--weights-gib", "90")
+    assert code == 1 and "skipped" in doc["write_env"]
+    assert (out / "vllm-0.env").read_text() == before
