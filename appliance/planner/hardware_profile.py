@@ -8,6 +8,7 @@ Detection goes through :mod:`appliance.hardware` (the only NVML module). NVML's 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,7 @@ class HardwareProfile:
     available_gib: float | None = None  # free memory now (unified: MemAvailable), when measured
     device_name: str = ""
     detected: bool = False
+    note: str = ""  # how it was found, e.g. why auto-detection fell back to the CPU profile
 
     @property
     def big_gpu(self) -> bool:
@@ -94,7 +96,12 @@ def detect(
     """Detect the box: NVIDIA GPUs through NVML (unified memory from /proc/meminfo), else the CPU profile."""
     snap = probe(nvml=nvml, meminfo=meminfo)
     if not snap.gpus:
-        return named_profile("cpu", None, meminfo)
+        why = snap.nvml_error or "NVML lists no GPU"
+        return dataclasses.replace(
+            named_profile("cpu", None, meminfo),
+            detected=True,
+            note=f"no NVIDIA GPU found ({why}): planned for the CPU build of vLLM",
+        )
     devices = snap.gpus
     if gpus is not None:
         if gpus > len(devices):

@@ -100,6 +100,8 @@ def plan_table(plan: Plan) -> str:
             f"clinic-edge plan: {plan.facts.name} on {hw.gpus} × {hw.device_name or hw.name} "
             f"({hw.total_gib:.2f} GiB{unified}), vLLM {version}"
         )
+    if hw.note:
+        lines.append(f"  ({hw.note})")
     lines.append("")
     rows: list[tuple[str, float, str]] = []
     if hw.kind == "cpu":

@@ -336,3 +336,9 @@ def test_write_env_keeps_the_last_good_files_when_nothing_fits(
     code, doc, _ = run(capsys, *good, "--weights-gib", "90")
     assert code == 1 and "skipped" in doc["write_env"]
     assert (out / "vllm-0.env").read_text() == before
+
+
+def test_auto_without_a_driver_says_it_fell_back_to_cpu(tmp_path: Path) -> None:
+    nvml = fake_nvml([], init_error=RuntimeError("NVML Shared Library Not Found"))
+    hw = detect(nvml=nvml, meminfo=meminfo(tmp_path, 8 * 1024**2, 6 * 1024**2))
+    assert hw.kind == "cpu" and hw.detected and "NVML Shared Library Not Found" in hw.note
