@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from appliance.planner.model_config import LayerKind, ModelFacts
+from appliance.planner.model_config import ModelFacts
 
 __all__ = [
     "GIB",
@@ -181,10 +181,6 @@ def kv_layout(facts: ModelFacts, tp: int, knobs: Knobs) -> KvLayout:
     return KvLayout(block, page, groups, group_size, padding, facts.num_layers)
 
 
-def _layers_of(facts: ModelFacts) -> list[LayerKind]:
-    return facts.layers
-
-
 def activation_bytes(facts: ModelFacts, tp: int, knobs: Knobs) -> int:
     """Peak activation of vLLM's profiling run on one rank (an estimate, calibrated on published logs).
 
@@ -254,8 +250,8 @@ class Budget:
     in_flight_tokens: int
     tokens_from_concurrency: bool
     kv_measured: bool = False
-    startup_error: str | None = None
-    notes: list[str] = field(default_factory=list)
+    startup_error: str | None = None  # vLLM's own start-up check would fail with this
+    policy_error: str | None = None  # a clinic-edge safety rule is broken (the unified-memory reserve)
 
     @property
     def num_blocks(self) -> int:

@@ -168,7 +168,7 @@ def _layer_kinds(text: dict[str, Any], num_layers: int, model_type: str, notes: 
     return [LayerKind("full")] * num_layers
 
 
-def _vision(config: dict[str, Any], text_hidden: int) -> VisionFacts | None:
+def _vision(config: dict[str, Any]) -> VisionFacts | None:
     vc = config.get("vision_config")
     if not isinstance(vc, dict):
         return None
@@ -183,7 +183,6 @@ def _vision(config: dict[str, Any], text_hidden: int) -> VisionFacts | None:
     if tokens is None:
         scale = _int(config.get("scale_factor")) or 1
         tokens = max(1, patches // (merge * merge) // (scale * scale))
-    del text_hidden
     return VisionFacts(hidden_size=hidden, intermediate_size=inter, patches_per_image=patches, tokens_per_image=tokens)
 
 
@@ -260,7 +259,7 @@ def model_facts_from_config(config: dict[str, Any], name: str, source: str = "co
         dtype_bytes=dtype_bytes,
         layers=layers,
         mla_latent_dim=mla_dim,
-        vision=_vision(config, hidden),
+        vision=_vision(config),
         num_experts=experts or 0,
         rotary_dim=rotary,
         notes=notes,

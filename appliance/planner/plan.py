@@ -154,12 +154,21 @@ def _budget(ctx: _Ctx, tp: int, util: float, knobs: Knobs, *, inputs: PlanInputs
             f"Free memory on device ({hw.available_gib:.2f}/{hw.total_gib:.2f} GiB) on startup is less than desired "
             f"GPU memory utilization ({util}, {b.requested_bytes / GIB:.2f} GiB)"
         )
+    if hw.unified and not b.startup_error:
+        available = hw.available_gib if hw.available_gib is not None else hw.total_gib
+        if b.requested_bytes > (available - inputs.reserve_gib) * GIB:
+            safe = _floor2(min(UNIFIED_MAX_UTILIZATION, (available - inputs.reserve_gib) / hw.total_gib))
+            b.policy_error = (
+                f"on unified memory vLLM would take {b.requested_bytes / GIB:.2f} of {available:.2f} GiB available, "
+                f"leaving less than the {inputs.reserve_gib:g} GiB reserve for the OS, gateway and dashboard (the box "
+                f"can freeze); --gpu-memory-utilization {safe} keeps it"
+            )
     return b
 
 
 def _classify(b: Budget, sessions: int, min_len: int) -> tuple[str, int]:
     """("fits" | "fits-reduced" | "does-not-fit", the max_model_len to run with)."""
-    if b.startup_error or b.kv_bytes <= 0:
+    if b.startup_error or b.policy_error or b.kv_bytes <= 0:
         return "does-not-fit", b.max_model_len
     if b.max_concurrency() >= sessions:
         return "fits", b.max_model_len
@@ -278,7 +287,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
 
 
 def _reasons(ctx: _Ctx, verdict: str, b: Budget, sessions: int, util: float) -> list[str]:
-    inputs, hw, max_len = ctx.inputs, ctx.inputs.hardware, ctx.max_len
+    inputs, max_len = ctx.inputs, ctx.max_len
     reasons: list[str] = []
     startup = b.startup_error or (b.check_startup() if verdict == "does-not-fit" else None)
     if startup:
@@ -294,20 +303,13 @@ def _reasons(ctx: _Ctx, verdict: str, b: Budget, sessions: int, util: float) -> 
             f"At --max-model-len {max_len:,} only {full:.2f} sessions fit per replica, {sessions} needed: "
             f"max-model-len reduced to {b.max_model_len:,}."
         )
-    elif not startup:
+    elif not startup and not b.policy_error:
         reasons.append(
             f"Not even {sessions} session(s) of {MIN_USEFUL_TOKENS} tokens fit in {b.kv_bytes / GIB:.2f} GiB of KV "
             "cache."
         )
-    if hw.unified:
-        available = hw.available_gib if hw.available_gib is not None else hw.total_gib
-        requested = b.requested_bytes / GIB
-        if requested > available - inputs.reserve_gib:
-            reasons.append(
-                f"Unified memory: vLLM would take {requested:.2f} GiB of {available:.2f} GiB available, leaving less "
-                f"than the {inputs.reserve_gib:g} GiB reserve for the OS, gateway and dashboard (risk of freezing the "
-                "box)."
-            )
+    if b.policy_error:
+        reasons.append(f"Unsafe: {b.policy_error}.")
     if inputs.knobs.vllm_version < (0, 21) and not inputs.knobs.enforce_eager:
         headroom = (1 - util) * b.total_bytes
         if b.cudagraph_bytes > headroom:

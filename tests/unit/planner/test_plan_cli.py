@@ -342,3 +342,23 @@ def test_auto_without_a_driver_says_it_fell_back_to_cpu(tmp_path: Path) -> None:
     nvml = fake_nvml([], init_error=RuntimeError("NVML Shared Library Not Found"))
     hw = detect(nvml=nvml, meminfo=meminfo(tmp_path, 8 * 1024**2, 6 * 1024**2))
     assert hw.kind == "cpu" and hw.detected and "NVML Shared Library Not Found" in hw.note
+
+
+def test_unified_reserve_is_a_hard_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    code, doc, _ = run(
+        capsys, cfg("Qwen3-8B"), "--hardware", "dgx-spark", "--weights-gib", "15.3", "--gpu-memory-utilization", "0.9"
+    )
+    assert code == 1 and any("8 GiB reserve" in r and "--gpu-memory-utilization 0.84" in r for r in doc["reasons"])
+    code, doc, _ = run(
+        capsys,
+        cfg("Qwen3-8B"),
+        "--hardware",
+        "dgx-spark",
+        "--weights-gib",
+        "15.3",
+        "--gpu-memory-utilization",
+        "0.9",
+        "--reserve-gib",
+        "2",
+    )
+    assert code == 0 and doc["verdict"] == "fits"
