@@ -359,6 +359,6 @@ def test_unified_reserve_is_a_hard_limit(capsys: pytest.CaptureFixture[str]) -> 
         "--gpu-memory-utilization",
         "0.9",
         "--reserve-gib",
-        "2",
+        "1",
     )
     assert code == 0 and doc["verdict"] == "fits"
