@@ -362,3 +362,37 @@ def test_unified_reserve_is_a_hard_limit(capsys: pytest.CaptureFixture[str]) -> 
         "1",
     )
     assert code == 0 and doc["verdict"] == "fits"
+
+
+def test_vision_model_passes_the_image_limit_and_checks_image_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    code, doc, _ = run(
+        capsys,
+        cfg("Qwen2.5-VL-7B-Instruct"),
+        "--hardware",
+        "dgx-spark",
+        "--weights-gib",
+        "15.45",
+        "--images-per-request",
+        "2",
+        "--max-model-len",
+        "65536",
+        "--concurrency",
+        "2",
+    )
+    assert code == 0 and doc["verdict"] == "fits" and "--limit-mm-per-prompt.image=2" in doc["vllm_args"]
+    assert doc["kv_layout"]["groups"] == [{"kind": "full", "window": None, "layers": 28}]
+    code = main(
+        [
+            "plan",
+            cfg("Qwen2.5-VL-7B-Instruct"),
+            "--hardware",
+            "h100",
+            "--weights-gib",
+            "15.45",
+            "--images-per-request",
+            "2",
+            "--max-model-len",
+            "16384",
+        ]
+    )
+    assert code == 2 and "image(s) per request take 32768 tokens" in capsys.readouterr().err
