@@ -41,6 +41,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.preflight",
     "appliance.commands.model",
     "appliance.commands.bundle",
+    "appliance.commands.plan",
 )
 
 
