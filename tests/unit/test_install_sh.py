@@ -15,9 +15,11 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True, timeout=30, check=False)
 
 
-def test_top_level_install_sh_is_the_installer() -> None:
-    assert SCRIPT.resolve() == (ROOT / "installer" / "install.sh").resolve()
-    text = SCRIPT.read_text()
+def test_top_level_install_sh_starts_the_installer() -> None:
+    # A plain file, not a symbolic link: the folder may travel on a FAT-formatted USB disk.
+    assert not SCRIPT.is_symlink()
+    assert 'installer/install.sh" "$@"' in SCRIPT.read_text()
+    text = (ROOT / "installer" / "install.sh").read_text()
     assert text.startswith("#!/bin/sh\n")
     assert text.rstrip().endswith('main "$@"')
 

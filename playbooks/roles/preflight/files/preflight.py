@@ -1,1 +1,0 @@
-../../../../appliance/preflight.py
