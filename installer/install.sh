@@ -197,8 +197,13 @@ verify_system() {
     ARCH=$(uname -m)
     case $ARCH in x86_64 | aarch64) ;; *) fatal "this CPU architecture ($ARCH) is not supported." "Use an x86_64 or aarch64 (arm64) box." ;; esac
     [ -d /run/systemd/system ] || fatal "systemd is not running as the init system here." "Install on a box booted with systemd (not in a plain container)."
-    PYTHON=$(command -v python3) || fatal "python3 is missing." "apt-get install python3 python3-venv"
-    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || fatal "python3 is older than 3.10." "Use Ubuntu 22.04 or newer."
+    # clinic-edge needs Python 3.11+; Ubuntu 22.04's python3 is 3.10, so take python3.11 there when installed.
+    PYTHON=''
+    for _py in python3 python3.12 python3.11; do
+        _path=$(command -v "$_py" 2>/dev/null) || continue
+        if "$_path" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then PYTHON=$_path; break; fi
+    done
+    [ -n "$PYTHON" ] || fatal "no Python 3.11 or newer found (Ubuntu 22.04 ships 3.10)." "apt-get install python3.11 python3.11-venv (from the OS media when offline), then run install.sh again."
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || fatal "python3 cannot create virtual environments (python3-venv is missing)." "apt-get install python3-venv (from the OS media when offline)."
     PY_MINOR=$("$PYTHON" -c 'import sys; print(sys.version_info[1])')
 }
