@@ -280,7 +280,7 @@ run_playbook() {
     {
         LC_ALL=C.UTF-8 LANG=C.UTF-8 ANSIBLE_CONFIG=$SRC/playbooks/ansible.cfg ANSIBLE_FORCE_COLOR=0 \
             "$VENV/bin/ansible-playbook" -i "$SRC/playbooks/inventory/localhost.yml" "$SRC/playbooks/site.yml" \
-            -e "@$ANSWERS" -e "appliance_src=$SRC" ${_check:+--check} ${_check:+--diff} 2>&1
+            -e "@$ANSWERS" -e "appliance_src=$SRC" -e "appliance_python=$PYTHON" ${_check:+--check} ${_check:+--diff} 2>&1
         echo $? >"$_rc_file"
     } | tee -a "$LOG" | awk '
         /^TASK \[/ { shown = 0; sub(/^TASK \[/, "    "); sub(/\] \**$/, ""); print; fflush(); next }
