@@ -425,6 +425,8 @@ run_rehearse() {
     mkdir -p "$_cache"
     REHEARSE_ROOT=$(mktemp -d "${CLINIC_EDGE_REHEARSE_DIR:-/var/tmp}/clinic-edge-rehearse.XXXXXX")
     _root=$REHEARSE_ROOT
+    # mktemp makes it 0700; as the container's / it would lock every non-root service out (dbus first).
+    chmod 0755 "$_root"
     step "Preparing a Debian 12 root in $_root (debootstrap, cached), meanwhile the bundle"
     # The two slow preparations overlap: debootstrap waits on the Debian mirror, the bundle on PyPI and the CPU.
     rehearse_rootfs "$_cache" "$_root" >"$_root.rc" 2>&1 &
@@ -498,6 +500,7 @@ rehearse_boot() {
         _i=$((_i + 1))
     done
     [ -n "$REHEARSE_PID" ] || fatal "the container did not boot within 120 s." "See $LOG."
+    case $_state in running | degraded) ;; *) warn "the container is still '$_state' after 120 s (see $LOG); going on." ;; esac
     info "    booted: systemd PID $REHEARSE_PID ($_state)"
 }
 
