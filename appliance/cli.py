@@ -38,6 +38,9 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.demo_model",
     "appliance.commands.vllm_cpu",
+    "appliance.commands.tls",
+    "appliance.commands.keys",
+    "appliance.commands.gateway",
 )
 
 
