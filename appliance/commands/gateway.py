@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -87,29 +86,7 @@ def _run(args: argparse.Namespace) -> Outcome:
     if getattr(args, "json", False):
         raise UsageError("'gateway' runs a server and has no --json output.", "Drop --json.")
     cfg = build_config(args)
-    import uvicorn
+    from appliance.gateway.server import run
 
-    from appliance.gateway.app import GatewayApp
-
-    app = GatewayApp(cfg)
-    scheme = "https" if cfg.tls_cert else "http"
-    sys.stderr.write(
-        f"clinic-edge gateway: listening on {scheme}://{cfg.listen} -> {', '.join(cfg.upstreams)} "
-        f"({len(app.keys)} workstation keys)\n"
-    )
-    config = uvicorn.Config(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-        timeout_keep_alive=30,
-        ssl_certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
-        ssl_keyfile=str(cfg.tls_key) if cfg.tls_key else None,
-    )
-    uvicorn.Server(config).run()
+    run(cfg)
     return Outcome(data={}, text="clinic-edge gateway: stopped.")

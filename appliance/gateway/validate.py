@@ -71,9 +71,10 @@ class RejectedError(Exception):
 class ValidRequest:
     """A checked request: the body to forward and the facts the audit log records."""
 
-    body: bytes
+    body: list[bytes | memoryview]  # the forwarded body, in pieces (big images are views of the received body)
     stream: bool
     model: str
+    body_bytes: int = 0
     images: int = 0
     image_bytes: int = 0
     image_formats: list[str] = field(default_factory=list)
@@ -85,7 +86,8 @@ class _Cut:
     def __init__(self, body: bytes) -> None:
         self.nonce = secrets.token_hex(8)
         self.prefix = f"@ce-{self.nonce}-"
-        self.segments: list[bytes] = []
+        self.body = body
+        self.segments: list[tuple[int, int]] = []  # (start, end) in body: never copied
         pieces: list[bytes] = []
         copied = search = 0
         while True:
@@ -100,13 +102,13 @@ class _Cut:
             # No backslash before the closing quote: the quote ends the JSON string and the run between is raw.
             if end - start >= _CUT_MIN and body.find(b"\\", start, end) < 0:
                 pieces += (body[copied:start], f"{self.prefix}{len(self.segments)}@".encode())
-                self.segments.append(body[start:end])
+                self.segments.append((start, end))
                 copied = end
         pieces.append(body[copied:])
         self.small = b"".join(pieces) if self.segments else body
 
-    def payload(self, value: str) -> bytes | None:
-        """The base64 bytes a string's tail marker stands for, or None when it carries no marker."""
+    def payload(self, value: str) -> tuple[int, int] | None:
+        """Where in the body the base64 a string's marker stands for lies, or None when it carries no marker."""
         if not value.startswith(self.prefix):
             return None  # a marker after other text would hide that text from the checks
         idx = value[len(self.prefix) : -1]
@@ -114,16 +116,18 @@ class _Cut:
             return None
         return self.segments[int(idx)]
 
-    def splice(self, text: str) -> bytes:
-        """Serialised JSON with the markers replaced by the original base64 bytes."""
+    def splice(self, text: str) -> list[bytes | memoryview]:
+        """Serialised JSON with the markers replaced by views of the original base64 bytes (no copies)."""
         if not self.segments:
-            return text.encode()
+            return [text.encode()]
+        view = memoryview(self.body)
         parts = text.split(self.prefix)
-        out = [parts[0].encode()]
+        out: list[bytes | memoryview] = [parts[0].encode()]
         for part in parts[1:]:
             idx, _, rest = part.partition("@")
-            out += (self.segments[int(idx)], rest.encode())
-        return b"".join(out)
+            start, end = self.segments[int(idx)]
+            out += (view[start:end], rest.encode())
+        return out
 
 
 def _bad(code: str, message: str, param: str | None = None) -> RejectedError:
@@ -166,12 +170,16 @@ def _check_image(part: dict[str, Any], where: str, cut: _Cut, limits: Limits, re
     if m.group(2).lower() != ";base64":
         raise _bad("image_not_base64", f"{where} must be base64-encoded (data:{mime};base64,...). {INLINE_HINT}", where)
     rest = url[m.end() :]
-    payload = cut.payload(rest)
-    if payload is None:
+    span = cut.payload(rest)
+    if span is None:
         try:
-            payload = rest.encode("ascii")
+            buf = rest.encode("ascii")
         except UnicodeEncodeError as err:
-            raise _bad("invalid_base64", f"{where} is not valid base64 (non-ASCII characters).", where) from err
+            raise _bad("invalid_image", f"{where} is not valid base64 (non-ASCII characters).", where) from err
+        start, end = 0, len(buf)
+    else:
+        buf = cut.body
+        start, end = span
     if len(req.image_formats) >= limits.max_images:
         raise _bad(
             "too_many_images",
@@ -179,7 +187,7 @@ def _check_image(part: dict[str, Any], where: str, cut: _Cut, limits: Limits, re
             "request (split a series over several requests).",
             where,
         )
-    decoded = len(payload) // 4 * 3
+    decoded = (end - start) // 4 * 3
     if decoded > limits.max_image_bytes + 2:
         raise _bad(
             "image_too_large",
@@ -188,7 +196,7 @@ def _check_image(part: dict[str, Any], where: str, cut: _Cut, limits: Limits, re
             where,
         )
     try:
-        facts = sniff_base64_image(fmt, payload)
+        facts = sniff_base64_image(fmt, buf, start, end)
     except ImageError as err:
         raise _bad("invalid_image", f"{where} was refused: {err}. {INLINE_HINT}", where) from err
     if facts.decoded_bytes > limits.max_image_bytes:
@@ -273,10 +281,11 @@ def validate_chat(body: bytes, limits: Limits) -> ValidRequest:
         if name in obj:
             raise _bad("field_not_allowed", f"'{name}' ({what}) is not accepted by the gateway; remove it.", name)
     model = obj.get("model")
-    req = ValidRequest(body=b"", stream=obj.get("stream") is True, model=model if isinstance(model, str) else "")
+    req = ValidRequest(body=[], stream=obj.get("stream") is True, model=model if isinstance(model, str) else "")
     _check_messages(obj.get("messages"), cut, limits, req)
     _cap_tokens(obj, limits.max_tokens_cap)
     obj["n"] = 1
     obj.pop("best_of", None)
     req.body = cut.splice(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
+    req.body_bytes = sum(len(p) for p in req.body)
     return req
