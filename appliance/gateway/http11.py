@@ -124,6 +124,10 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
 
+    def on_headers_complete(self) -> None:
+        if self._headers.get(b"expect", b"").lower() == b"100-continue":
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a big body
+
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size <= self.max_body:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import pytest
 from PIL import Image
@@ -54,14 +55,14 @@ def test_a_slice_of_a_bigger_buffer_is_read_in_place() -> None:
     ],
 )
 def test_malformed_input_is_refused(text: bytes, message: str) -> None:
-    with pytest.raises(ImageError, match=message):
+    with pytest.raises(ImageError, match=re.escape(message)):
         sniff_base64_image("png", text)
 
 
 def test_padding_in_the_middle_is_refused() -> None:
     good = _b64("PNG", (8, 8))
     bad = good[:8] + b"====" + good[12:]
-    with pytest.raises(ImageError, match="padding|not valid"):
+    with pytest.raises(ImageError, match=r"padding|not valid"):
         sniff_base64_image("png", bad)
 
 
