@@ -23,6 +23,7 @@ import httptools
 
 __all__ = ["ClientConnection", "FlowTarget", "Request", "response_head"]
 
+_BIG_BODY = 256 * 1024
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -43,7 +44,7 @@ class Request:
     method: str
     path: str
     headers: dict[bytes, bytes]
-    body: bytes
+    body: bytes | bytearray
     keep_alive: bool
     too_large: int = 0
 
@@ -75,6 +76,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._chunks: list[bytes] = []
+        self._big: bytearray | None = None
         self._size = 0
         self._paused = False
 
@@ -116,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._chunks = []
+        self._big = None
         self._size = 0
 
     def on_url(self, url: bytes) -> None:
@@ -127,17 +130,34 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._headers.get(b"expect", b"").lower() == b"100-continue":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a big body
+        length = self._headers.get(b"content-length", b"")
+        if length.isdigit() and _BIG_BODY <= int(length) <= self.max_body:
+            # A big body (a radiograph) is copied into one buffer as it arrives, overlapping the upload,
+            # instead of being joined (4 MB at once) when it is complete.
+            self._big = bytearray(int(length))
 
     def on_body(self, body: bytes) -> None:
+        start = self._size
         self._size += len(body)
-        if self._size <= self.max_body:
+        if self._big is not None and self._size <= len(self._big):
+            self._big[start : self._size] = body
+        elif self._size <= self.max_body:
+            if self._big is not None:  # more than Content-Length: cannot happen with httptools; be safe
+                self._chunks, self._big = [bytes(self._big[:start])], None
             self._chunks.append(body)
         elif self._chunks:
             self._chunks = []
 
     def on_message_complete(self) -> None:
         too_large = self._size if self._size > self.max_body else 0
-        body = b"" if too_large else (self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks))
+        body: bytes | bytearray
+        if too_large:
+            body = b""
+        elif self._big is not None:
+            body = self._big
+        else:
+            body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._big = None
         path = self._url.split(b"?", 1)[0].decode("latin-1")
         req = Request(
             method=self.parser.get_method().decode("latin-1"),

@@ -50,7 +50,7 @@ class _Base64View:
 
     __slots__ = ("buf", "end", "size", "start")
 
-    def __init__(self, buf: bytes, start: int, end: int) -> None:
+    def __init__(self, buf: bytes | bytearray, start: int, end: int) -> None:
         n = end - start
         if n % 4 or n == 0:
             raise ImageError("its base64 length is not a multiple of 4 (truncated or not base64)")
@@ -144,7 +144,7 @@ _READERS = {"png": _png, "jpeg": _jpeg, "webp": _webp}
 
 
 def sniff_base64_image(
-    declared: str, buf: bytes, start: int = 0, end: int | None = None, *, check_alphabet: bool = False
+    declared: str, buf: bytes | bytearray, start: int = 0, end: int | None = None, *, check_alphabet: bool = False
 ) -> ImageFacts:
     """Facts about the image whose base64 is ``buf[start:end]``, declared as ``image/<declared>``.
 

@@ -83,12 +83,12 @@ class ValidRequest:
 class _Cut:
     """Base64 payloads taken out of the raw body, replaced by ``@ce-<nonce>-<i>@`` markers."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes | bytearray) -> None:
         self.nonce = secrets.token_hex(8)
         self.prefix = f"@ce-{self.nonce}-"
         self.body = body
         self.segments: list[tuple[int, int]] = []  # (start, end) in body: never copied
-        pieces: list[bytes] = []
+        pieces: list[bytes | bytearray] = []
         copied = search = 0
         while True:
             i = body.find(_B64_MARK, search)
@@ -105,7 +105,7 @@ class _Cut:
                 self.segments.append((start, end))
                 copied = end
         pieces.append(body[copied:])
-        self.small = b"".join(pieces) if self.segments else body
+        self.small = bytes(b"".join(pieces)) if self.segments else body
 
     def payload(self, value: str) -> tuple[int, int] | None:
         """Where in the body the base64 a string's marker stands for lies, or None when it carries no marker."""
@@ -171,6 +171,7 @@ def _check_image(part: dict[str, Any], where: str, cut: _Cut, limits: Limits, re
         raise _bad("image_not_base64", f"{where} must be base64-encoded (data:{mime};base64,...). {INLINE_HINT}", where)
     rest = url[m.end() :]
     span = cut.payload(rest)
+    buf: bytes | bytearray
     if span is None:
         try:
             buf = rest.encode("ascii")
@@ -268,7 +269,7 @@ def _cap_tokens(obj: dict[str, Any], cap: int) -> None:
         obj["max_tokens"] = cap
 
 
-def validate_chat(body: bytes, limits: Limits) -> ValidRequest:
+def validate_chat(body: bytes | bytearray, limits: Limits) -> ValidRequest:
     """Check a ``POST /v1/chat/completions`` body and return what to forward; raise :class:`RejectedError`."""
     cut = _Cut(body)
     try:
