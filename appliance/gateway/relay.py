@@ -83,6 +83,9 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, key: str) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
+        # httptools calls on_body for every HTTP chunk; pointing it at a list's append keeps that call in C.
+        self.bodies: list[bytes] = []
+        self.on_body = self.bodies.append
         self.parser = httptools.HttpResponseParser(self)
         self.sink: Relay | None = None
         self.closed = False
@@ -98,6 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Write one request; the answer goes to ``sink``."""
         assert self.transport is not None
         self.sink = sink
+        self.bodies.clear()
         self.reusable = False
         self.got_response = False
         self._ctype = b""
@@ -108,6 +112,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.close()
+        if self.bodies and self.sink is not None:
+            self.sink.flush()  # one write to the workstation per read from vLLM, however many events it held
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -123,10 +129,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_response = True
         if self.sink is not None:
             self.sink.on_headers(self.parser.get_status_code(), self._ctype)
-
-    def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink.on_body(body)
 
     def on_message_complete(self) -> None:
         self.reusable = bool(self.parser.should_keep_alive())
@@ -211,7 +213,7 @@ class Relay:
         self.keep_alive = keep_alive
         self.done: asyncio.Future[None] = loop.create_future()
         self._streaming = False
-        self._buffer: list[bytes] = []
+        self._write = client.write
         self._ctype = b""
         self._tail = b""
         self._timer: asyncio.TimerHandle | None = loop.call_later(first_byte_timeout, self._timeout)
@@ -226,25 +228,32 @@ class Relay:
         self._ctype = ctype
         if status == 200 and ctype.startswith(b"text/event-stream"):
             self._streaming = True
+            transport = self.client.transport
+            if transport is not None and not self.client.closed:
+                self._write = transport.write
             headers = [(b"content-type", ctype), *self.extra_headers, (b"transfer-encoding", b"chunked")]
             self.client.write(response_head(200, headers, close=not self.keep_alive))
             self.result.headers_sent = True
             if self.client.paused:
                 self.pause()
 
-    def on_body(self, data: bytes) -> None:
-        if not self._streaming:
-            self._buffer.append(data)
+    def flush(self) -> None:
+        """Send what the last read from vLLM brought (``upstream.bodies``) as one HTTP chunk."""
+        bodies = self.upstream.bodies
+        if not self._streaming or not bodies:
             return
+        data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
+        bodies.clear()
         if self.result.ttfb is None:
             self.result.ttfb = time.perf_counter()
-        self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
+        self._write(b"%x\r\n%b\r\n" % (len(data), data))
         if b'"prompt_tokens"' in data:
             _tokens(self.result, data)
-        self._tail = data
+        self._tail = data[-64:]
 
     def on_complete(self) -> None:
         if self._streaming:
+            self.flush()
             tail = self._tail.rstrip()
             if tail.endswith(DONE_EVENT.rstrip()):
                 self.result.complete = True
@@ -252,7 +261,8 @@ class Relay:
             else:
                 self._end_stream_with_error("upstream ended the stream without [DONE]")
         else:
-            body = b"".join(self._buffer)
+            body = b"".join(self.upstream.bodies)
+            self.upstream.bodies.clear()
             self.result.ttfb = time.perf_counter()
             if self.result.status == 200:
                 _tokens(self.result, body[-1024:])
@@ -267,6 +277,7 @@ class Relay:
         if self.done.done():
             return
         if self._streaming:
+            self.flush()
             self._end_stream_with_error("upstream stopped mid-stream (connection lost)")
             self._finish()
         elif not got_response:
