@@ -24,6 +24,8 @@ import httptools
 __all__ = ["ClientConnection", "FlowTarget", "Request", "response_head"]
 
 _BIG_BODY = 256 * 1024
+IDLE_TIMEOUT = 30.0  # a kept-alive connection with no new request is closed after this
+REQUEST_TIMEOUT = 120.0  # headers and body of one request must arrive within this (slow-loris guard)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -79,12 +81,20 @@ class ClientConnection(asyncio.Protocol):
         self._big: bytearray | None = None
         self._size = 0
         self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
         self.tracker.add(self)
+        self._arm(IDLE_TIMEOUT)
+
+    def _arm(self, seconds: float | None) -> None:
+        """(Re)start the connection's timer: idle between requests, or reading one request."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self.close) if seconds else None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -96,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._arm(None)
         self.tracker.discard(self)
         if self.relay is not None:
             self.relay.client_gone()
@@ -115,6 +126,8 @@ class ClientConnection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.task is None:
+            self._arm(REQUEST_TIMEOUT)
         self._url = b""
         self._headers = {}
         self._chunks = []
@@ -169,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self._chunks = []
         if self.task is None:
+            self._arm(None)
             self._start(req)
         else:
             self._pending.append(req)
@@ -190,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
             elif self._pending and not self.closed:
                 self._start(self._pending.popleft())
+            elif not self.closed:
+                self._arm(IDLE_TIMEOUT)
 
     def write(self, data: bytes) -> None:
         """Write unless the client is gone."""

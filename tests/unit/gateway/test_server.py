@@ -194,3 +194,18 @@ async def test_routes_and_auth(env: Env) -> None:
         async with http.get(env.url + "/metrics") as r:
             assert "clinic_edge_gateway_upstream_healthy" in await r.text()
     assert not [r for r in env.script.requests if "invocations" in json.dumps(r)]
+
+
+async def test_idle_and_slow_connections_are_closed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.gateway import http11
+
+    monkeypatch.setattr(http11, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.3)
+    host, port = env.url.removeprefix("http://").split(":")
+    idle_r, idle_w = await asyncio.open_connection(host, int(port))
+    slow_r, slow_w = await asyncio.open_connection(host, int(port))
+    slow_w.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")  # never finishes
+    assert await asyncio.wait_for(idle_r.read(), 5) == b""  # closed by the gateway
+    assert await asyncio.wait_for(slow_r.read(), 5) == b""
+    idle_w.close()
+    slow_w.close()
