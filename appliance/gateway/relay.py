@@ -112,7 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.close()
-        if self.bodies and self.sink is not None:
+        if self.sink is not None:
             self.sink.flush()  # one write to the workstation per read from vLLM, however many events it held
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -213,6 +213,7 @@ class Relay:
         self.keep_alive = keep_alive
         self.done: asyncio.Future[None] = loop.create_future()
         self._streaming = False
+        self._head = b""
         self._write = client.write
         self._ctype = b""
         self._tail = b""
@@ -232,7 +233,8 @@ class Relay:
             if transport is not None and not self.client.closed:
                 self._write = transport.write
             headers = [(b"content-type", ctype), *self.extra_headers, (b"transfer-encoding", b"chunked")]
-            self.client.write(response_head(200, headers, close=not self.keep_alive))
+            # Written by flush() at the end of this read, together with the first event when it came along.
+            self._head = response_head(200, headers, close=not self.keep_alive)
             self.result.headers_sent = True
             if self.client.paused:
                 self.pause()
@@ -240,13 +242,19 @@ class Relay:
     def flush(self) -> None:
         """Send what the last read from vLLM brought (``upstream.bodies``) as one HTTP chunk."""
         bodies = self.upstream.bodies
-        if not self._streaming or not bodies:
+        if not self._streaming:
+            return
+        if not bodies:
+            if self._head:
+                self._write(self._head)
+                self._head = b""
             return
         data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
         bodies.clear()
         if self.result.ttfb is None:
             self.result.ttfb = time.perf_counter()
-        self._write(b"%x\r\n%b\r\n" % (len(data), data))
+        self._write(b"%b%x\r\n%b\r\n" % (self._head, len(data), data))
+        self._head = b""
         if b'"prompt_tokens"' in data:
             _tokens(self.result, data)
         self._tail = data[-64:]
