@@ -39,6 +39,8 @@ _REFUSED_FIELDS = {
     "mm_processor_kwargs": "per-request image processor settings",
 }
 _MIME_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp"}
+_DECODER = json.JSONDecoder()
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 INLINE_HINT = (
     "Send the radiograph inline: read the PNG or JPEG file and put it in the request as "
     '{"type": "image_url", "image_url": {"url": "data:image/png;base64,<base64 of the file>"}} '
@@ -84,8 +86,7 @@ class _Cut:
     """Base64 payloads taken out of the raw body, replaced by ``@ce-<nonce>-<i>@`` markers."""
 
     def __init__(self, body: bytes | bytearray) -> None:
-        self.nonce = secrets.token_hex(8)
-        self.prefix = f"@ce-{self.nonce}-"
+        self.prefix = ""  # made only when something is cut (most requests carry no image)
         self.body = body
         self.segments: list[tuple[int, int]] = []  # (start, end) in body: never copied
         pieces: list[bytes | bytearray] = []
@@ -101,6 +102,8 @@ class _Cut:
             search = end
             # No backslash before the closing quote: the quote ends the JSON string and the run between is raw.
             if end - start >= _CUT_MIN and body.find(b"\\", start, end) < 0:
+                if not self.prefix:
+                    self.prefix = f"@ce-{secrets.token_hex(8)}-"
                 pieces += (body[copied:start], f"{self.prefix}{len(self.segments)}@".encode())
                 self.segments.append((start, end))
                 copied = end
@@ -109,7 +112,7 @@ class _Cut:
 
     def payload(self, value: str) -> tuple[int, int] | None:
         """Where in the body the base64 a string's marker stands for lies, or None when it carries no marker."""
-        if not value.startswith(self.prefix):
+        if not self.prefix or not value.startswith(self.prefix):
             return None  # a marker after other text would hide that text from the checks
         idx = value[len(self.prefix) : -1]
         if not value.endswith("@") or not idx.isdigit() or int(idx) >= len(self.segments):
@@ -273,7 +276,7 @@ def validate_chat(body: bytes | bytearray, limits: Limits) -> ValidRequest:
     """Check a ``POST /v1/chat/completions`` body and return what to forward; raise :class:`RejectedError`."""
     cut = _Cut(body)
     try:
-        obj = json.loads(cut.small)
+        obj = _DECODER.decode(cut.small.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise _bad("invalid_json", "The request body is not valid JSON.") from err
     if not isinstance(obj, dict):
@@ -287,6 +290,6 @@ def validate_chat(body: bytes | bytearray, limits: Limits) -> ValidRequest:
     _cap_tokens(obj, limits.max_tokens_cap)
     obj["n"] = 1
     obj.pop("best_of", None)
-    req.body = cut.splice(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
+    req.body = cut.splice(_ENCODER.encode(obj))
     req.body_bytes = sum(len(p) for p in req.body)
     return req
