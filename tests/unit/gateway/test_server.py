@@ -42,6 +42,10 @@ async def _upstream(script: Script, port: int) -> web.AppRunner:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         script.requests.append(body)
+        if body.get("model") == "unknown":
+            return web.json_response({"error": {"message": "model not found", "code": 404}}, status=404)
+        if body.get("model") == "slow":
+            await asyncio.sleep(5)
         if not body.get("stream"):
             return web.json_response({"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 3,
                                       "completion_tokens": 1}})  # fmt: skip
@@ -98,6 +102,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     cfg = GatewayConfig(
         upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
         listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
+        first_byte_timeout_s=0.5,
     )  # fmt: skip
     started = asyncio.Event()
     task = asyncio.create_task(serve(cfg, started))
@@ -209,3 +214,15 @@ async def test_idle_and_slow_connections_are_closed(env: Env, monkeypatch: pytes
     assert await asyncio.wait_for(slow_r.read(), 5) == b""
     idle_w.close()
     slow_w.close()
+
+
+async def test_upstream_errors_are_relayed_and_silence_times_out(env: Env) -> None:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {env.key}"}) as http:
+        async with http.post(env.url + "/v1/chat/completions", json=_body(model="unknown")) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["message"] == "model not found"
+        async with http.post(env.url + "/v1/chat/completions", json=_body(model="slow")) as resp:
+            assert resp.status == 504 and resp.headers["retry-after"] == "5"
+            assert (await resp.json())["error"]["code"] == "upstream_timeout"
+    await asyncio.sleep(0.05)
+    reasons = [json.loads(line)["reason"] for line in env.audit.read_text().splitlines()]
+    assert reasons[-2:] == ["upstream_rejected", "upstream_timeout"]
