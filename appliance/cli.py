@@ -42,6 +42,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.model",
     "appliance.commands.bundle",
     "appliance.commands.plan",
+    "appliance.commands.tls",
+    "appliance.commands.keys",
+    "appliance.commands.gateway",
 )
 
 
