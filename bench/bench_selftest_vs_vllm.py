@@ -2,11 +2,11 @@
 
 Starts vLLM (CPU build) serving the demo model, then alternates, ``--rounds`` times:
 
-* our single load point: ``clinic-edge selftest --target URL --concurrency 8 --requests 64 --prompt-tokens 64
-  --max-tokens 32 --json`` (a subprocess), and
+* our single load point (what ``clinic-edge selftest --concurrency 8 --requests 64 --prompt-tokens 64
+  --max-tokens 32`` runs: warm-up once, then the self-test's runner), in this process, and
 * vLLM's benchmark through its module (``--backend openai-chat --endpoint /v1/chat/completions --dataset-name random
-  --random-input-len 64 --random-output-len 32 --num-prompts 64 --max-concurrency 8``), in a subprocess so its event
-  loop never mixes with ours,
+  --random-input-len 64 --random-output-len 32 --num-prompts 64 --max-concurrency 8``), in a long-lived subprocess
+  (vLLM imported once) so its event loop never mixes with ours,
 
 and prints both TTFT p50s per round, their ratio, and the median ratio. Goal: within ±5 %.
 
@@ -16,6 +16,7 @@ Usage: .venv/bin/python -m bench.bench_selftest_vs_vllm [--rounds 4] [--model-di
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import subprocess
@@ -24,15 +25,26 @@ import tempfile
 from pathlib import Path
 
 from appliance.demo_model import DEMO_MODEL_NAME, build_demo_model
+from appliance.selftest.client import Target
+from appliance.selftest.runner import Progress, Workload, plan_single, run_points, warm_up
+from appliance.selftest.workloads import PromptMaker, load_tokenizer
 from appliance.vllm_server import VllmLaunch, VllmServer
 
-VLLM_BENCH = """
-import sys
+# A long-lived worker: imports vLLM once, then runs one `vllm bench serve` per line on stdin (the line is the seed).
+VLLM_WORKER = """
+import contextlib, io, sys
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.benchmarks.serve import add_cli_args, main
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-main(parser.parse_args(sys.argv[1:]))
+base = sys.argv[1:]
+print("READY", flush=True)
+for line in sys.stdin:
+    seed = line.strip()
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    argv = [*base, "--seed", seed, "--result-filename", f"vllm-{seed}.json"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(parser.parse_args(argv))
+    print("DONE", seed, flush=True)
 """
 
 
@@ -44,36 +56,60 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ours(url: str, state: Path, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [
-        sys.executable, "-m", "appliance", "selftest", "--target", url, "--concurrency", str(args.concurrency),
-        "--requests", str(args.requests), "--prompt-tokens", str(args.input_len), "--max-tokens",
-        str(args.output_len), "--image", "no", "--state-dir", str(state), "--json",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"clinic-edge selftest failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    doc = json.loads(proc.stdout)
-    return {"p50": doc["ttft_ms"]["p50"], "p99": doc["ttft_ms"]["p99"], "failed": doc["failed"]}
+class VllmBench:
+    """``vllm bench serve`` in its own process (its own event loop), run once per :meth:`run`."""
+
+    def __init__(self, url: str, model_dir: Path, out_dir: Path, args: argparse.Namespace) -> None:
+        self.out_dir = out_dir
+        argv = [
+            "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", url,
+            "--model", DEMO_MODEL_NAME, "--tokenizer", str(model_dir), "--dataset-name", "random",
+            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+            "--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency),
+            "--save-result", "--result-dir", str(out_dir),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", VLLM_WORKER, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect("READY")
+
+    def _expect(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return
+        raise SystemExit(f"the vllm bench serve worker exited (code {self.proc.wait()})")
+
+    def run(self, seed: int) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{seed}\n")
+        self.proc.stdin.flush()
+        self._expect("DONE")
+        doc = json.loads((self.out_dir / f"vllm-{seed}.json").read_text())
+        return {"p50": doc["median_ttft_ms"], "p99": doc["p99_ttft_ms"], "failed": doc.get("failed", 0)}
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
-def vllms(url: str, model_dir: Path, out_dir: Path, rnd: int, args: argparse.Namespace) -> dict[str, float]:
-    name = f"vllm-{rnd}.json"
-    argv = [
-        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", url,
-        "--model", DEMO_MODEL_NAME, "--tokenizer", str(model_dir), "--dataset-name", "random",
-        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-        "--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency),
-        "--seed", str(1000 + rnd), "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-c", VLLM_BENCH, *argv], capture_output=True, text=True, check=False, timeout=600
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    doc = json.loads((out_dir / name).read_text())
-    return {"p50": doc["median_ttft_ms"], "p99": doc["p99_ttft_ms"], "failed": doc.get("failed", 0)}
+class Ours:
+    """Our single load point, run in this process through the self-test's own code path."""
+
+    def __init__(self, url: str, model_dir: Path, args: argparse.Namespace) -> None:
+        self.target = Target(url)
+        self.args = args
+        self.work = Workload(model=DEMO_MODEL_NAME, prompts=PromptMaker(load_tokenizer(model_dir)))
+        assert self.work.prompts.exact, "the demo model's tokenizer did not load"
+        asyncio.run(warm_up(self.target, self.work))
+
+    def run(self) -> dict[str, float]:
+        a = self.args
+        points = plan_single(a.concurrency, a.requests, a.input_len, a.output_len)
+        (res,) = asyncio.run(run_points(self.target, points, self.work, Progress(1, enabled=False)))
+        return {"p50": res["ttft_ms"]["p50"], "p99": res["ttft_ms"]["p99"], "failed": res["failed"]}
 
 
 def main() -> None:
@@ -101,13 +137,15 @@ def main() -> None:
             )
             ratios = []
             rows = []
+            bench = VllmBench(launch.base_url, model_dir, work, args)
+            mine_runner = Ours(launch.base_url, model_dir, args)
             for r in range(1, args.rounds + 1):
                 if r % 2:
-                    theirs = vllms(launch.base_url, model_dir, work, r, args)
-                    mine = ours(launch.base_url, work / "state", args)
+                    theirs = bench.run(1000 + r)
+                    mine = mine_runner.run()
                 else:
-                    mine = ours(launch.base_url, work / "state", args)
-                    theirs = vllms(launch.base_url, model_dir, work, r, args)
+                    mine = mine_runner.run()
+                    theirs = bench.run(1000 + r)
                 ratio = mine["p50"] / theirs["p50"]
                 ratios.append(ratio)
                 rows.append((mine, theirs))
@@ -123,6 +161,7 @@ def main() -> None:
                 f"\nmedian over rounds: clinic-edge {med_ours:.2f} ms, vllm bench serve {med_theirs:.2f} ms; "
                 f"ratio of medians {med_ours / med_theirs:.3f}, median per-round ratio {statistics.median(ratios):.3f}"
             )
+            bench.close()
 
 
 if __name__ == "__main__":

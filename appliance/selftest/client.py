@@ -7,7 +7,6 @@ is decoded). The SSE framing and the event kinds come from :mod:`appliance.wire`
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
@@ -260,8 +259,3 @@ async def _models(session: aiohttp.ClientSession, target: Target) -> list[dict[s
             "vLLM serves no model yet; check 'journalctl -u clinic-edge-vllm@0'.",
         )
     return cards
-
-
-def run_sync(coro: Any) -> Any:
-    """Run a coroutine on a fresh event loop (the CLI's one entry to asyncio)."""
-    return asyncio.run(coro)

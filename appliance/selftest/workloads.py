@@ -52,7 +52,9 @@ def load_tokenizer(model_dir: Path) -> Any | None:
         return None
     try:
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()  # its config warnings are not the clinic's business
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception:  # any loading problem means "no tokenizer": the calibrated fallback takes over
         return None
