@@ -32,6 +32,7 @@ from appliance.selftest.metrics import measure, percentile
 from appliance.wire import chat_request
 
 Measured = dict[str, tuple[float, float]]  # key → (start, TTFT) in perf_counter seconds
+ClientFn = tuple[Callable[[str, list[str], int, int], Awaitable[Measured]], bool]  # (run, on uvloop)
 
 
 async def _ours(url: str, keys: list[str], streams: int, max_tokens: int) -> Measured:
@@ -98,7 +99,7 @@ def main() -> None:
     ap.add_argument("--first-delay-ms", type=float, default=20.0)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--gap-ms", type=float, default=5.0)
-    ap.add_argument("--uvloop", action="store_true", help="run the clients on uvloop")
+    ap.add_argument("--uvloop", action="store_true", help="also measure our client on uvloop")
     args = ap.parse_args()
 
     server = subprocess.Popen(
@@ -120,11 +121,13 @@ def main() -> None:
         assert server.stdout is not None
         port = int(server.stdout.readline().split()[1])
         url = f"http://127.0.0.1:{port}"
-        clients: dict[str, Callable[[str, list[str], int, int], Awaitable[Measured]]] = {"clinic-edge": _ours}
+        clients: dict[str, ClientFn] = {"clinic-edge": (_ours, False)}
+        if args.uvloop:
+            clients["clinic-edge on uvloop"] = (_ours, True)
         try:
             import vllm.benchmarks.lib.endpoint_request_func  # noqa: F401
 
-            clients["vllm bench serve"] = _vllms
+            clients["vllm bench serve"] = (_vllms, False)
         except ImportError:
             print("(vLLM not installed: measuring our client only)")
         print(
@@ -137,9 +140,9 @@ def main() -> None:
         truths: dict[str, list[float]] = {n: [] for n in clients}
         sends: dict[str, list[float]] = {n: [] for n in clients}
         for r in range(args.rounds):
-            for name, fn in clients.items():
+            for name, (fn, on_uvloop) in clients.items():
                 keys = [f"r{r}-{name}-{i}" for i in range(args.requests)]
-                got = _run(fn(url, keys, args.streams, args.chunks), args.uvloop)
+                got = _run(fn(url, keys, args.streams, args.chunks), on_uvloop)
                 truth = asyncio.run(_truth(url))
                 for k, (start, ttft) in got.items():
                     recv, sent = truth[k]
@@ -169,9 +172,12 @@ def main() -> None:
             s50, _ = _stats(sends[name])
             e50, _ = _stats(errors[name])
             print(f"{name}: error p50 split: sending {s50:.3f} ms (start → request read), receiving {e50 - s50:.3f} ms")
-        if len(clients) == 2:
-            ours, theirs = (statistics.median(errors[n]) for n in clients)
-            print(f"error p50, ours vs vLLM's client: {ours:.3f} vs {theirs:.3f} ms (ratio {ours / theirs:.2f})")
+        if "vllm bench serve" in clients:
+            theirs = statistics.median(errors["vllm bench serve"])
+            for n in clients:
+                if n != "vllm bench serve":
+                    ours = statistics.median(errors[n])
+                    print(f"error p50, {n} vs vLLM's client: {ours:.3f} vs {theirs:.3f} ms (ratio {ours / theirs:.2f})")
     finally:
         server.terminate()
         server.wait(timeout=10)
