@@ -31,7 +31,7 @@ def test_quick_run_passes_with_exact_prompts_and_an_image(
     assert set(points) == {"short-c1", "short-c4", "image"}
     for p in (points["short-c1"], points["short-c4"]):
         assert p["failed"] == 0 and p["completed"] == p["requests"]
-        # 128 tokens of content plus the chat template's few ("<|begin_of_text|>User: ...<end_of_utterance>\nAssistant:")
+        # 128 tokens of content plus the chat template's few ("User: ...<end_of_utterance>\nAssistant:")
         assert 128 < p["mean_prompt_tokens"] <= 128 + 12, p["mean_prompt_tokens"]
         assert p["tpot_ms"]["p50"] > 0 and p["ttfc_ms"]["p50"] >= p["ttft_ms"]["p50"]
     image = points["image"]
