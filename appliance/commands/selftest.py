@@ -48,6 +48,7 @@ from appliance.wire import chat_request
 __all__ = ["register"]
 
 API_KEY_ENV = "CLINIC_EDGE_API_KEY"
+DEFAULT_ETC_DIR = Path("/etc/clinic-edge")
 DIRECT_API_KEY_ENV = "CLINIC_EDGE_DIRECT_API_KEY"
 SINGLE_FLAGS = ("concurrency", "requests", "prompt_tokens", "max_tokens")
 CONFIG_KEYS = {
@@ -65,6 +66,7 @@ CONFIG_KEYS = {
     "e2el_p99_ms",
     "max_failed",
     "tokenizer",
+    "etc_dir",
 }
 
 DESCRIPTION = """\
@@ -119,6 +121,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     p.add_argument("--keep", type=int, help=f"runs to keep (default {DEFAULT_KEEP})")
     p.add_argument("--report", type=Path, metavar="FILE.html", help="also write a self-contained HTML report")
     p.add_argument("--config", type=Path, help="YAML file with any of these options (flags win)")
+    p.add_argument(
+        "--etc-dir",
+        type=Path,
+        help="where the plan and vLLM env files are, for the snapshot (default /etc/clinic-edge)",
+    )
     p.add_argument("--profile", choices=PROFILES, help="SLO defaults: gpu or cpu (default: gpu if NVML sees one)")
     p.add_argument("--clinic-concurrency", type=int, help="workstations asking at once; the verdict's point (4)")
     p.add_argument("--slo-ttft-p99-ms", dest="ttft_p99_ms", type=float, help="TTFT p99 limit in ms")
@@ -254,8 +261,9 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], state_dir: Path) -> Outc
     info, model, points, share, prompts_exact = outcome
     finished = utc_now()
     verdict = judge(points, slo)
+    etc = Path(_opt(args, cfg, "etc_dir", DEFAULT_ETC_DIR))
     snapshot = {
-        "vllm_flags": read_vllm_flags(),
+        "vllm_flags": read_vllm_flags(etc / "vllm"),
         "model_card": info.card(model),
         "prompt_tokens_exact": prompts_exact,
         "target_readiness": info.readiness,
@@ -271,7 +279,7 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], state_dir: Path) -> Outc
         points=points,
         verdict=verdict,
         gateway_share=share,
-        plan=read_plan(),
+        plan=read_plan(etc / "vllm" / "plan.json"),
         hardware=hardware,
         snapshot=snapshot,
     )

@@ -121,3 +121,24 @@ def test_api_key_from_environment_and_config_file(
     bad.write_text("tagret: x\n")
     assert main(["selftest", "--config", str(bad)]) == 2
     assert "unknown keys: tagret" in capsys.readouterr().err
+
+
+def test_snapshot_records_plan_and_vllm_flags(
+    upstream: RunningUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vdir = tmp_path / "etc" / "vllm"
+    vdir.mkdir(parents=True)
+    (vdir / "plan.json").write_text(json.dumps({"verdict": "fits", "model": "demo"}))
+    (vdir / "vllm-0.env").write_text(
+        "# Written by 'clinic-edge plan --write-env'\n"
+        "CLINIC_EDGE_VLLM_ARGS=--model /srv/m --port 8000 --max-model-len 1024\nVLLM_CPU_KVCACHE_SPACE=1\n"
+    )
+    code, doc, _ = _run(
+        capsys, "--target", upstream.url, *SINGLE, "--profile", "cpu", "--state-dir", str(tmp_path / "s"),
+        "--etc-dir", str(tmp_path / "etc"), "--json",
+    )  # fmt: skip
+    assert code == 0
+    assert doc["plan"] == {"verdict": "fits", "model": "demo"}
+    assert doc["snapshot"]["vllm_flags"] == {
+        "vllm-0": ["--model", "/srv/m", "--port", "8000", "--max-model-len", "1024"]
+    }
