@@ -245,8 +245,9 @@ def radiograph_png(seed: int, size: tuple[int, int] = (768, 384)) -> bytes:
             box = [x - tw, h * y0 - lift, x + tw, h * y1 - lift]
             draw.rounded_rectangle(box, radius=int(tw), fill=200 + rng.randint(-25, 35))
             draw.line([x, box[1] + (box[3] - box[1]) * 0.2, x, box[3] - 4], fill=70, width=max(2, int(tw / 3)))
-    noise = Image.effect_noise(size, 28 + rng.random() * 4).filter(ImageFilter.GaussianBlur(1.2))
-    img = ImageChops.add(img.filter(ImageFilter.GaussianBlur(2.0)), noise, scale=1.6, offset=-64)
+    # Film grain from the seeded generator (Image.effect_noise would ignore the seed).
+    grain = Image.frombytes("L", size, rng.randbytes(w * h)).filter(ImageFilter.GaussianBlur(1.2))
+    img = ImageChops.add(img.filter(ImageFilter.GaussianBlur(2.0)), grain, scale=1.6, offset=-64)
     buf = io.BytesIO()
     img.save(buf, "PNG", optimize=False)
     return buf.getvalue()
