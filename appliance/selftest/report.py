@@ -35,6 +35,10 @@ def _n(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) and math.isfinite(value) else "–"
 
 
+def _g(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else _e(value if value is not None else "–")
+
+
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     if hi <= lo:
         hi = lo + 1
@@ -45,14 +49,14 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def _frame(x_lo: float, x_hi: float, y_hi: float, x_label: str, y_label: str) -> list[str]:
+def _frame(x_lo: float, x_hi: float, y_hi: float, x_label: str, y_label: str, *, x_ticks: bool = True) -> list[str]:
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
     out = [f'<rect x="{PAD_L}" y="{PAD_T}" width="{pw}" height="{ph}" fill="#fff" stroke="#ccc"/>']
     for t in _ticks(0, y_hi, 4):
         y = PAD_T + ph - t / y_hi * ph if y_hi else PAD_T + ph
         out.append(f'<line x1="{PAD_L}" x2="{PAD_L + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
         out.append(f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
-    for t in _ticks(x_lo, x_hi, 6):
+    for t in _ticks(x_lo, x_hi, 6) if x_ticks else []:
         x = PAD_L + (t - x_lo) / (x_hi - x_lo) * pw if x_hi > x_lo else PAD_L
         out.append(f'<text x="{x:.1f}" y="{PAD_T + ph + 16}" text-anchor="middle">{t:g}</text>')
     out.append(f'<text x="{PAD_L + pw / 2}" y="{H - 6}" text-anchor="middle">{_e(x_label)}</text>')
@@ -95,7 +99,7 @@ def svg_histogram(samples_ms: Sequence[float], limit_ms: float | None = None, bi
             f'<line class="slo" x1="{x:.1f}" x2="{x:.1f}" y1="{PAD_T}" y2="{PAD_T + ph}" stroke="#d93025" '
             'stroke-dasharray="4 3"/>'
         )
-        parts.append(f'<text x="{x + 4:.1f}" y="{PAD_T + 12}" fill="#d93025">SLO {limit_ms:g} ms</text>')
+        parts.append(f'<text x="{x + 4:.1f}" y="{PAD_T + 12}" style="fill:#d93025">SLO {limit_ms:g} ms</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -114,11 +118,17 @@ def svg_history(runs: Sequence[Mapping[str, Any]], limit_ms: float | None = None
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">']
     parts.append(f"<title>TTFT p50 and p99 over the last {n} runs</title>")
-    parts += _frame(1, max(n, 2), y_hi, "run (oldest → newest)", "TTFT (ms)")
 
     def xy(i: int, v: float) -> tuple[float, float]:
         x = PAD_L + (i / (n - 1) * pw if n > 1 else pw / 2)
         return x, PAD_T + ph - v / y_hi * ph
+
+    parts += _frame(1, max(n, 2), y_hi, f"{n} runs, oldest → newest", "TTFT (ms)", x_ticks=False)
+    for i in {0, n - 1}:
+        x = xy(i, 0)[0]
+        when = str(pts[i][0]).replace("T", " ")[:16]
+        anchor = "start" if i == 0 and n > 1 else "end" if n > 1 else "middle"
+        parts.append(f'<text x="{x:.1f}" y="{PAD_T + ph + 16}" text-anchor="{anchor}">{_e(when)}</text>')
 
     for key, colour in (("p99", "#ea8600"), ("p50", "#1a73e8")):
         coords = [xy(i, float(s[key])) for i, (_, s, _) in enumerate(pts) if isinstance(s.get(key), int | float)]
@@ -139,11 +149,15 @@ def svg_history(runs: Sequence[Mapping[str, Any]], limit_ms: float | None = None
             f'<line x1="{PAD_L}" x2="{PAD_L + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#d93025" stroke-dasharray="4 3"/>'
         )
     parts.append(
-        f'<text x="{PAD_L + 8}" y="{PAD_T + 14}" fill="#1a73e8">● p50</text>'
-        f'<text x="{PAD_L + 60}" y="{PAD_T + 14}" fill="#ea8600">● p99</text>'
+        f'<text x="{PAD_L + 8}" y="{PAD_T + 14}" style="fill:#1a73e8">● p50</text>'
+        f'<text x="{PAD_L + 60}" y="{PAD_T + 14}" style="fill:#ea8600">● p99</text>'
     )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _clipped(point: Mapping[str, Any]) -> str:
+    return f" (of {_e(point['clipped_from'])})" if point.get("clipped_from") else ""
 
 
 def _stat_row(name: str, stats: Mapping[str, Any]) -> str:
@@ -167,7 +181,7 @@ def render_report(run: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) 
     rows = "".join(
         "<tr>"
         f"<td>{_e(p.get('name'))}{' ★' if p.get('judged') else ''}</td><td>{_e(p.get('kind'))}</td>"
-        f"<td>{_e(p.get('concurrency'))}</td><td>{_e(p.get('prompt_tokens') or '–')}</td>"
+        f"<td>{_e(p.get('concurrency'))}</td><td>{_e(p.get('prompt_tokens') or '–')}{_clipped(p)}</td>"
         f"<td>{p.get('completed', 0)}/{p.get('failed', 0)}</td>"
         f"<td>{_n((p.get('ttft_ms') or {}).get('p50'))}</td><td>{_n((p.get('ttft_ms') or {}).get('p99'))}</td>"
         f"<td>{_n((p.get('ttfc_ms') or {}).get('p50'))}</td><td>{_n((p.get('tpot_ms') or {}).get('p50'))}</td>"
@@ -215,9 +229,9 @@ def render_report(run: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) 
 <p class="muted">{_e(run.get("started_at"))} → {_e(run.get("finished_at"))} · mode {_e(run.get("mode"))} ·
 target {_e(run.get("target"))} ({_e(run.get("target_kind", ""))}) · model {_e(run.get("model"))}</p>
 <div class="banner {"pass" if passed else "fail"}"><b>{"PASS" if passed else "FAIL"}</b> —
-{_e(verdict.get("reason"))}</div>
-<p class="muted">SLO profile {_e(slo.get("profile"))}: TTFT p99 ≤ {_e(slo.get("ttft_p99_ms"))} ms at the clinic's
-concurrency {_e(slo.get("concurrency"))}; image TTFT ≤ {_e(slo.get("image_ttft_ms"))} ms; at most
+{_e(str(verdict.get("reason", "")).removeprefix("PASS: ").removeprefix("FAIL: "))}</div>
+<p class="muted">SLO profile {_e(slo.get("profile"))}: TTFT p99 ≤ {_g(slo.get("ttft_p99_ms"))} ms at the clinic's
+concurrency {_e(slo.get("concurrency"))}; image TTFT ≤ {_g(slo.get("image_ttft_ms"))} ms; at most
 {_e(slo.get("max_failed"))} failed requests. Definitions as <code>vllm bench serve</code>.</p>
 {share_html}
 <h2>Judged figures (ms)</h2>
