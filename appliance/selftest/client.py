@@ -7,6 +7,7 @@ is decoded). The SSE framing and the event kinds come from :mod:`appliance.wire`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -26,6 +27,7 @@ __all__ = [
     "Target",
     "TargetInfo",
     "make_session",
+    "open_connections",
     "probe_target",
     "stream_chat",
 ]
@@ -102,6 +104,24 @@ def make_session(target: Target, concurrency: int) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=target.request_timeout_s),
         trust_env=False,
     )
+
+
+async def open_connections(session: aiohttp.ClientSession, target: Target, count: int) -> None:
+    """Open ``count`` keep-alive connections before the clock starts (``GET /v1/models`` on each, concurrently).
+
+    A workstation's SDK keeps its connections open, so the TCP and TLS handshakes are not part of the TTFT it
+    feels; without this, the first ``count`` requests of a load point would carry them (``vllm bench serve``'s
+    do, which matters only for its first wave).
+    """
+
+    async def one() -> None:
+        try:
+            async with session.get(target.base + "/v1/models", headers=target.headers()) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass  # the load point itself will record what is wrong
+
+    await asyncio.gather(*(one() for _ in range(count)))
 
 
 async def stream_chat(session: aiohttp.ClientSession, target: Target, body: Mapping[str, Any]) -> RequestTimeline:

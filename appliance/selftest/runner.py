@@ -2,8 +2,9 @@
 
 A load point sends ``requests`` requests with at most ``concurrency`` in flight, all released at once behind a
 semaphore — ``vllm bench serve --request-rate inf --max-concurrency N``. Its duration runs from before the first
-request to after the last, as vLLM's does. Conversations replay each scripted exchange turn by turn (a turn waits
-for the previous answer), ``concurrency`` exchanges at a time.
+request to after the last, as vLLM's does. Unlike vLLM's, the ``concurrency`` connections are opened before the clock
+starts (a workstation keeps its connections open; handshakes are not the server's latency). Conversations replay
+each scripted exchange turn by turn (a turn waits for the previous answer), ``concurrency`` exchanges at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Literal, TextIO
 import aiohttp
 
 from appliance.errors import UnreachableError, UsageError
-from appliance.selftest.client import Target, make_session, stream_chat
+from appliance.selftest.client import Target, make_session, open_connections, stream_chat
 from appliance.selftest.metrics import RequestMeasure, RequestTimeline, measure, summarize
 from appliance.selftest.workloads import (
     CONVERSATIONS,
@@ -305,6 +306,7 @@ async def run_points(
     results = []
     for point in points:
         async with make_session(target, point.concurrency) as session:
+            await open_connections(session, target, point.concurrency)
             results.append(await run_point(session, target, point, work, progress, goodput_ms=goodput_ms))
     return results
 
@@ -352,12 +354,14 @@ async def gateway_share(
     dr: list[float] = []
     failed = 0
     async with make_session(gateway, 1) as gs, make_session(direct, 1) as ds:
+        await open_connections(gs, gateway, 1)
+        await open_connections(ds, direct, 1)
         for i in range(pairs + 1):
             order = ((gs, gateway, gw), (ds, direct, dr))
             for session, tgt, sink in order if i % 2 == 0 else order[::-1]:
                 m = measure(await stream_chat(session, tgt, work.text_body(QUICK_PROMPT_TOKENS, 8)))
                 if i == 0:
-                    continue  # the first pair opens the connections: not counted
+                    continue  # the first pair warms both paths up: not counted
                 if m.success and m.ttft is not None:
                     sink.append(m.ttft * 1000)
                 else:
