@@ -42,7 +42,7 @@ from appliance.selftest.runner import (
     warm_up,
 )
 from appliance.selftest.verdict import PROFILES, judge, slo_for
-from appliance.selftest.workloads import PromptMaker, load_tokenizer, model_takes_images
+from appliance.selftest.workloads import PromptMaker, RemoteTokenizer, load_tokenizer, model_takes_images
 from appliance.wire import chat_request
 
 __all__ = ["register"]
@@ -256,14 +256,27 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], state_dir: Path) -> Outc
     if slo.concurrency < 1:
         raise UsageError("--clinic-concurrency must be at least 1.", "E.g. --clinic-concurrency 4.")
     progress = Progress(0)
+    etc = Path(_opt(args, cfg, "etc_dir", DEFAULT_ETC_DIR))
+    plan_doc = read_plan(etc / "vllm" / "plan.json")
+    snapshot: dict[str, Any] = {"vllm_flags": read_vllm_flags(etc / "vllm")}
     started = utc_now()
-    outcome = asyncio.run(_measure(args, cfg, mode=mode, target=target, direct=direct, slo=slo, progress=progress))
+    outcome = asyncio.run(
+        _measure(
+            args,
+            cfg,
+            mode=mode,
+            target=target,
+            direct=direct,
+            slo=slo,
+            progress=progress,
+            plan_doc=plan_doc,
+            snapshot=snapshot,
+        )
+    )
     info, model, points, share, prompts_exact = outcome
     finished = utc_now()
     verdict = judge(points, slo)
-    etc = Path(_opt(args, cfg, "etc_dir", DEFAULT_ETC_DIR))
-    snapshot = {
-        "vllm_flags": read_vllm_flags(etc / "vllm"),
+    snapshot |= {
         "model_card": info.card(model),
         "prompt_tokens_exact": prompts_exact,
         "target_readiness": info.readiness,
@@ -279,7 +292,7 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], state_dir: Path) -> Outc
         points=points,
         verdict=verdict,
         gateway_share=share,
-        plan=read_plan(etc / "vllm" / "plan.json"),
+        plan=plan_doc,
         hardware=hardware,
         snapshot=snapshot,
     )
@@ -303,6 +316,8 @@ async def _measure(
     direct: Target | None,
     slo: Any,
     progress: Progress,
+    plan_doc: dict[str, Any] | None,
+    snapshot: dict[str, Any],
 ) -> tuple[TargetInfo, str, list[dict[str, Any]], dict[str, Any] | None, bool]:
     info = await probe_target(target)
     model = _opt(args, cfg, "model") or info.models[0]
@@ -312,15 +327,14 @@ async def _measure(
             "Drop --model to use the first one, or give one of those names.",
         )
     card = info.card(model)
-    tok_dir = _opt(args, cfg, "tokenizer")
-    if tok_dir is None and isinstance(card.get("root"), str) and Path(card["root"]).is_dir():
-        tok_dir = card["root"]
-    tok_path = Path(tok_dir) if tok_dir else None
-    tokenizer = load_tokenizer(tok_path) if tok_path else None
+    tok_path, tokenizer, how = _tokenizer(
+        args, cfg, card=card, plan_doc=plan_doc, info=info, model=model, target=target, direct=direct
+    )
     work = Workload(model=model, prompts=PromptMaker(tokenizer))
     await warm_up(target, work)
     if tokenizer is None:
         await _calibrate(target, work)
+    snapshot["prompt_tokenizer"] = how
     with_image = {"yes": True, "no": False}.get(args.image)
     if with_image is None:
         takes = model_takes_images(tok_path)
@@ -345,6 +359,35 @@ async def _measure(
         await probe_target(direct)
         share = await gateway_share(target, direct, work, progress)
     return info, model, results, share, work.prompts.exact
+
+
+def _tokenizer(
+    args: argparse.Namespace,
+    cfg: dict[str, Any],
+    *,
+    card: dict[str, Any],
+    plan_doc: dict[str, Any] | None,
+    info: TargetInfo,
+    model: str,
+    target: Target,
+    direct: Target | None,
+) -> tuple[Path | None, Any, str]:
+    """The model's tokenizer: loaded here from its directory, else vLLM's own endpoints, else none (calibrated).
+
+    Returns the model directory (if known, for the image check), the tokenizer and how it was obtained.
+    """
+    candidates = [_opt(args, cfg, "tokenizer"), card.get("root")]
+    if plan_doc and isinstance(plan_doc.get("model"), dict):
+        candidates.append(plan_doc["model"].get("path"))
+    model_dir = next((Path(c) for c in candidates if isinstance(c, str | Path) and Path(c).is_dir()), None)
+    if model_dir is not None and (tok := load_tokenizer(model_dir)) is not None:
+        return model_dir, tok, "local"
+    for t in ([target] if info.kind == "vllm" else []) + ([direct] if direct else []):
+        ctx = t.ssl_context()
+        remote = RemoteTokenizer(t.base, model, t.headers(), ctx if not isinstance(ctx, bool) else None)
+        if remote.works():
+            return model_dir, remote, "vllm"
+    return model_dir, None, "calibrated"
 
 
 async def _calibrate(target: Target, work: Workload) -> None:

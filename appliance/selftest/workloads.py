@@ -25,6 +25,7 @@ __all__ = [
     "CONVERSATIONS",
     "IMAGE_QUESTION",
     "PromptMaker",
+    "RemoteTokenizer",
     "conversation_turns",
     "image_message",
     "load_tokenizer",
@@ -58,6 +59,49 @@ def load_tokenizer(model_dir: Path) -> Any | None:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception:  # any loading problem means "no tokenizer": the calibrated fallback takes over
         return None
+
+
+class RemoteTokenizer:
+    """The model's own tokenizer through vLLM's ``/tokenize`` and ``/detokenize`` (vLLM directly, not the gateway).
+
+    On the box clinic-edge's venv has no ``transformers``; vLLM's endpoints give exact counts all the same. Calls are
+    blocking and made only while a load point's requests are prepared, before its clock starts.
+    """
+
+    def __init__(self, base_url: str, model: str, headers: dict[str, str], ssl_context: Any = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.headers = headers
+        self.ssl_context = ssl_context
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(  # noqa: S310 - the target's own http(s) URL
+            self.base_url + path, data=json.dumps(body).encode(), headers=self.headers, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10, context=self.ssl_context) as resp:  # noqa: S310
+            doc = json.loads(resp.read())
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path} answered {type(doc).__name__}")
+        return doc
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``."""
+        doc = self._post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens})
+        return [int(t) for t in doc["tokens"]]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``."""
+        return str(self._post("/detokenize", {"model": self.model, "tokens": list(ids)})["prompt"])
+
+    def works(self) -> bool:
+        """True when the endpoints answer (vLLM directly; a gateway does not expose them)."""
+        try:
+            return bool(self.encode("molar")) and isinstance(self.decode(self.encode("molar")), str)
+        except Exception:  # any failure means "not available here": the next method takes over
+            return False
 
 
 class PromptMaker:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
-from appliance.selftest.workloads import PromptMaker, load_tokenizer
+from appliance.selftest.workloads import PromptMaker, RemoteTokenizer, load_tokenizer
 from tests.conftest import RunningVllm
 
 pytestmark = pytest.mark.vllm
@@ -70,3 +70,11 @@ def test_prompts_are_exact_token_counts(vllm_server: RunningVllm) -> None:
         for seed in range(3):
             assert maker.count(maker.text(n, seed)) == n
     assert maker.text(64, 1) != maker.text(64, 2)
+    # Where transformers is missing (the box's clinic-edge venv), vLLM's /tokenize and /detokenize do the same job.
+    remote = RemoteTokenizer(vllm_server.base_url, vllm_server.model, {"Content-Type": "application/json"})
+    assert remote.works()
+    via_vllm = PromptMaker(remote)
+    for n in (16, 300):
+        text = via_vllm.text(n, seed=5)
+        assert maker.count(text) == n
+    assert not RemoteTokenizer(vllm_server.base_url, "no-such-model", {}).works()

@@ -36,6 +36,7 @@ def test_single_point_json_carries_the_contract_keys(
     saved = json.loads((tmp_path / "latest.json").read_text())
     assert saved["id"] == doc["id"] and Path(doc["result_file"]).is_file()
     assert saved["hardware"]["cpu"]["count"] >= 1 and saved["snapshot"]["prompt_tokens_exact"] is False
+    assert saved["snapshot"]["prompt_tokenizer"] == "calibrated"  # no tokenizer, no /tokenize: usage counts
     assert "[1/1]" in err  # progress on stderr, the JSON alone on stdout
 
 
