@@ -403,17 +403,24 @@ async def _calibrate(target: Target, work: Workload) -> None:
     work.prompts.calibrate(counts[0], counts[1])
 
 
+# How vLLM refuses an image for a text-only model ("... is not a multimodal model", "At most 0 image(s) ...").
+TEXT_ONLY_MARKERS = ("multimodal", "multi-modal", "at most 0 image")
+
+
 def _skip_image_if_refused(points: list[dict[str, Any]]) -> None:
-    """A text-only model answers the image request with HTTP 400: that is "no image support", not a failure."""
+    """vLLM refusing the image because the model is text-only means "no image support", not a failure.
+
+    Any other refusal (the gateway's image checks, a size limit) stays a failure.
+    """
     for p in points:
         errors = p.get("errors") or {}
         if (
             p.get("kind") == "image"
             and not p.get("completed")
             and errors
-            and all(e.startswith("HTTP 400") for e in errors)
+            and all(e.startswith("HTTP 400") and any(m in e.lower() for m in TEXT_ONLY_MARKERS) for e in errors)
         ):
-            p["skipped"] = "the model does not take images (HTTP 400)"
+            p["skipped"] = "the model does not take images (vLLM refused the image as text-only)"
             p["failed"] = 0
 
 

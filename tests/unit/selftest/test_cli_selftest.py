@@ -143,3 +143,13 @@ def test_snapshot_records_plan_and_vllm_flags(
     assert doc["snapshot"]["vllm_flags"] == {
         "vllm-0": ["--model", "/srv/m", "--port", "8000", "--max-model-len", "1024"]
     }
+
+
+def test_only_a_text_only_refusal_skips_the_image() -> None:
+    from appliance.commands.selftest import _skip_image_if_refused
+
+    text_only = {"kind": "image", "completed": 0, "failed": 1, "errors": {"HTTP 400: x is not a multimodal model": 1}}
+    gateway_no = {"kind": "image", "completed": 0, "failed": 1, "errors": {"HTTP 400: image larger than 20 MB": 1}}
+    _skip_image_if_refused([text_only, gateway_no])
+    assert text_only["skipped"] and text_only["failed"] == 0
+    assert "skipped" not in gateway_no and gateway_no["failed"] == 1
