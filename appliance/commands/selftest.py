@@ -112,34 +112,57 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the post-install gate (default)")
     mode.add_argument("--sweep", action="store_true", help="the reference sweep (minutes)")
-    p.add_argument("--target", help="gateway or vLLM URL, e.g. https://clinic-box:8443 or http://127.0.0.1:8000")
-    p.add_argument("--api-key", help=f"workstation key (better: the {API_KEY_ENV} environment variable)")
-    p.add_argument("--model", help="model to ask (default: the first in GET /v1/models)")
-    p.add_argument("--ca-cert", type=Path, help="clinic CA certificate to trust over HTTPS")
-    p.add_argument("--direct", help="vLLM's loopback URL too: also measure the gateway's share of TTFT")
-    p.add_argument("--state-dir", type=Path, help=f"where results are kept (default {DEFAULT_STATE_DIR})")
-    p.add_argument("--keep", type=int, help=f"runs to keep (default {DEFAULT_KEEP})")
+    p.add_argument(
+        "--target", metavar="URL", help="gateway or vLLM URL, e.g. https://clinic-box:8443 or http://127.0.0.1:8000"
+    )
+    p.add_argument("--api-key", metavar="KEY", help=f"workstation key (better: the {API_KEY_ENV} environment variable)")
+    p.add_argument("--model", metavar="NAME", help="model to ask (default: the first in GET /v1/models)")
+    p.add_argument("--ca-cert", type=Path, metavar="PATH", help="clinic CA certificate to trust over HTTPS")
+    p.add_argument("--direct", metavar="URL", help="vLLM's loopback URL too: also measure the gateway's share of TTFT")
+    p.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help=f"where results are kept (default {DEFAULT_STATE_DIR})"
+    )
+    p.add_argument("--keep", type=int, metavar="N", help=f"runs to keep (default {DEFAULT_KEEP})")
     p.add_argument("--report", type=Path, metavar="FILE.html", help="also write a self-contained HTML report")
-    p.add_argument("--config", type=Path, help="YAML file with any of these options (flags win)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of these options (flags win)")
     p.add_argument(
         "--etc-dir",
         type=Path,
+        metavar="DIR",
         help="where the plan and vLLM env files are, for the snapshot (default /etc/clinic-edge)",
     )
     p.add_argument("--profile", choices=PROFILES, help="SLO defaults: gpu or cpu (default: gpu if NVML sees one)")
-    p.add_argument("--clinic-concurrency", type=int, help="workstations asking at once; the verdict's point (4)")
-    p.add_argument("--slo-ttft-p99-ms", dest="ttft_p99_ms", type=float, help="TTFT p99 limit in ms")
-    p.add_argument("--slo-image-ttft-ms", dest="image_ttft_ms", type=float, help="image request TTFT limit in ms")
-    p.add_argument("--slo-tpot-p99-ms", dest="tpot_p99_ms", type=float, help="TPOT p99 limit in ms (default: none)")
-    p.add_argument("--slo-e2el-p99-ms", dest="e2el_p99_ms", type=float, help="E2EL p99 limit in ms (default: none)")
-    p.add_argument("--max-failed", type=int, help="failed requests allowed (default 0)")
+    p.add_argument(
+        "--clinic-concurrency", type=int, metavar="N", help="workstations asking at once; the verdict's point (4)"
+    )
+    p.add_argument(
+        "--slo-ttft-p99-ms", dest="ttft_p99_ms", type=float, metavar="MS", help="TTFT p99 limit (gpu 100, cpu 500)"
+    )
+    p.add_argument(
+        "--slo-image-ttft-ms",
+        dest="image_ttft_ms",
+        type=float,
+        metavar="MS",
+        help="image TTFT limit (gpu 1000, cpu 2000)",
+    )
+    p.add_argument(
+        "--slo-tpot-p99-ms", dest="tpot_p99_ms", type=float, metavar="MS", help="TPOT p99 limit (default: none)"
+    )
+    p.add_argument(
+        "--slo-e2el-p99-ms", dest="e2el_p99_ms", type=float, metavar="MS", help="E2EL p99 limit (default: none)"
+    )
+    p.add_argument("--max-failed", type=int, metavar="N", help="failed requests allowed (default 0)")
     p.add_argument("--image", choices=("auto", "yes", "no"), default="auto", help="send the image request (auto)")
-    p.add_argument("--tokenizer", type=Path, help="model directory with the tokenizer (default: vLLM's model path)")
-    p.add_argument("--concurrency", type=int, help="single point: requests in flight at once")
-    p.add_argument("--requests", type=int, help="single point: number of requests (sweep: per point)")
-    p.add_argument("--prompt-tokens", type=int, help="single point: prompt length in tokens")
-    p.add_argument("--max-tokens", type=int, help="single point: tokens to generate per request")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take (default 120)")
+    p.add_argument(
+        "--tokenizer", type=Path, metavar="DIR", help="model directory with the tokenizer (default: vLLM's model path)"
+    )
+    p.add_argument("--concurrency", type=int, metavar="N", help="single point: requests in flight at once")
+    p.add_argument("--requests", type=int, metavar="M", help="single point: number of requests (sweep: per point)")
+    p.add_argument("--prompt-tokens", type=int, metavar="P", help="single point: prompt length in tokens")
+    p.add_argument("--max-tokens", type=int, metavar="T", help="single point: tokens to generate per request")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="seconds one request may take (default 120)"
+    )
     p.set_defaults(func=_main)
 
 
