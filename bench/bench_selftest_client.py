@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from appliance.selftest.client import Target, make_session, stream_chat
+from appliance.selftest.client import Target, make_session, open_connections, stream_chat
 from appliance.selftest.metrics import measure, percentile
 from appliance.wire import chat_request
 
@@ -41,6 +41,7 @@ async def _ours(url: str, keys: list[str], streams: int, max_tokens: int) -> Mea
     out: Measured = {}
     sem = asyncio.Semaphore(streams)
     async with make_session(target, streams) as session:
+        await open_connections(session, target, streams)  # as the self-test's runner does
 
         async def one(key: str) -> None:
             async with sem:
