@@ -52,6 +52,7 @@ class Upstream:
         self.first_delay = first_delay
         self.chunks = chunks
         self.gap = gap
+        self._chunks = [_content(i, i == chunks - 1) for i in range(chunks)]  # encoded once: the server stays cheap
         # The truth, keyed by the first message's content: (request read, first event written), perf_counter seconds.
         self.truth: dict[str, tuple[float, float]] = {}
 
@@ -120,7 +121,7 @@ class Upstream:
         self.truth[key] = (recv, sent)
         for i in range(self.chunks):
             await asyncio.sleep(self.gap)
-            writer.write(_content(i, i == self.chunks - 1))
+            writer.write(self._chunks[i])
             if mode == "error-mid" and i == 0:
                 writer.write(_event({"error": {"message": "synthetic failure", "type": "server_error", "code": 500}}))
                 break
