@@ -113,6 +113,16 @@ class Ours:
         return {"p50": res["ttft_ms"]["p50"], "p99": res["ttft_ms"]["p99"], "failed": res["failed"]}
 
 
+def _bootstrap_median_ci(values: list[float], n: int = 2000, level: float = 0.90) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median (how sure the median ratio is on a noisy machine)."""
+    import random
+
+    rng = random.Random(7)  # noqa: S311 - resampling, not secrets
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    cut = int(n * (1 - level) / 2)
+    return meds[cut], meds[n - 1 - cut]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
@@ -168,6 +178,8 @@ def main() -> None:
                 f"\nmedian over rounds: clinic-edge {med_ours:.2f} ms, vllm bench serve {med_theirs:.2f} ms; "
                 f"ratio of medians {med_ours / med_theirs:.3f}, median per-round ratio {statistics.median(ratios):.3f}"
             )
+            lo, hi = _bootstrap_median_ci(ratios)
+            print(f"median per-round ratio, 90 % bootstrap interval: [{lo:.3f}, {hi:.3f}] (goal: within 0.95–1.05)")
             bench.close()
 
 
