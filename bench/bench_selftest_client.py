@@ -1,6 +1,6 @@
 """Does the self-test's client distort what it measures? Measured TTFT vs the truth, at 64 concurrent streams.
 
-A deterministic SSE upstream (bench/sse_upstream.py, its own process) sends the first event a known delay after it
+A deterministic SSE upstream (bench/selftest_upstream.py, its own process) sends the first event a known delay after it
 has read each request, then N chunks at fixed gaps, and records its own clock readings per request. The client and
 the server share CLOCK_MONOTONIC (``time.perf_counter``), so for every request:
 
@@ -114,7 +114,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "bench.sse_upstream",
+            "bench.selftest_upstream",
             "--first-delay-ms",
             str(args.first_delay_ms),
             "--chunks",

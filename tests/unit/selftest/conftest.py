@@ -1,4 +1,4 @@
-"""A deterministic SSE upstream on loopback (bench/sse_upstream.py) in a background thread, for client and CLI tests."""
+"""A deterministic SSE upstream on loopback (bench/selftest_upstream.py) in a thread, for client and CLI tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bench.sse_upstream import Upstream, serve
+from bench.selftest_upstream import Upstream, serve
 
 
 @dataclass

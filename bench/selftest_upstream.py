@@ -10,9 +10,9 @@ first message's content and served at ``GET /truth``:
 
 so a client can split its measured TTFT into the true server delay (the difference) and its own overhead.
 
-Run as a script (``python -m bench.sse_upstream --port P``) or start in-process with :func:`serve`. Modes, chosen per
-request with the ``x-mode`` header or the model name: ``ok`` (default), ``error-mid`` (an error event after the first
-chunk), ``empty`` (200 with only ``[DONE]``), ``cut`` (the connection closes mid-stream), ``503``.
+Run as a script (``python -m bench.selftest_upstream --port P``) or start in-process with :func:`serve`. Modes,
+chosen per request with the ``x-mode`` header or the model name: ``ok`` (default), ``error-mid`` (an error event after
+the first chunk), ``empty`` (200 with only ``[DONE]``), ``cut`` (the connection closes mid-stream), ``503``.
 """
 
 from __future__ import annotations
