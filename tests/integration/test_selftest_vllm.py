@@ -13,6 +13,9 @@ from tests.conftest import RunningVllm
 
 pytestmark = pytest.mark.vllm
 
+# Tests check the machinery, not this machine's speed (no timed assertions): limits no working run can miss.
+LENIENT = ("--slo-ttft-p99-ms", "60000", "--slo-image-ttft-ms", "60000")
+
 
 def test_quick_run_passes_with_exact_prompts_and_an_image(
     vllm_server: RunningVllm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -20,7 +23,7 @@ def test_quick_run_passes_with_exact_prompts_and_an_image(
     report = tmp_path / "report.html"
     code = main(
         ["selftest", "--quick", "--target", vllm_server.base_url, "--state-dir", str(tmp_path), "--json",
-         "--profile", "cpu", "--report", str(report)]
+         "--profile", "cpu", *LENIENT, "--report", str(report)]
     )  # fmt: skip
     out, err = capsys.readouterr()
     doc = json.loads(out)
@@ -48,7 +51,7 @@ def test_single_point_and_gateway_share_machinery(
     code = main(
         ["selftest", "--target", vllm_server.base_url, "--direct", vllm_server.base_url, "--concurrency", "2",
          "--requests", "4", "--prompt-tokens", "32", "--max-tokens", "8", "--state-dir", str(tmp_path), "--json",
-         "--profile", "cpu"]
+         "--profile", "cpu", *LENIENT]
     )  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     assert code == 0, doc["verdict"]["reason"]
