@@ -25,8 +25,11 @@ __all__ = [
     "LATEST",
     "HistoryEntry",
     "check_writable",
+    "history_rows",
     "history_table",
     "load_history",
+    "prune",
+    "run_files",
     "save_run",
 ]
 

@@ -24,11 +24,13 @@ from typing import Any
 __all__ = [
     "CONVERSATIONS",
     "IMAGE_QUESTION",
+    "Conversation",
     "PromptMaker",
     "RemoteTokenizer",
     "conversation_turns",
     "image_message",
     "load_tokenizer",
+    "model_takes_images",
     "radiograph_png",
 ]
 
@@ -319,8 +321,3 @@ def model_takes_images(model_dir: Path | None) -> bool | None:
     except (OSError, ValueError):
         return None
     return bool(cfg.get("vision_config") or cfg.get("image_token_id") or cfg.get("image_token_index"))
-
-
-def seeds(base: int, count: int) -> Sequence[int]:
-    """``count`` distinct seeds derived from ``base``."""
-    return [base * 100_003 + i for i in range(count)]
