@@ -163,9 +163,14 @@ class Workload:
         return self.seed * 1_000_003 + self._counter
 
     def text_body(self, prompt_tokens: int, max_tokens: int) -> dict[str, Any]:
-        """A chat request whose user content has ``prompt_tokens`` tokens."""
+        """A chat request whose user content has ``prompt_tokens`` tokens.
+
+        The content is a list of parts, as ``vllm bench serve`` (openai-chat) and the workstations (image + text)
+        send it: vLLM parses that form on a heavier path than a plain string, and the load must be the same.
+        """
         text = self.prompts.text(prompt_tokens, self.next_seed())
-        return chat_request(self.model, [{"role": "user", "content": text}], max_tokens=max_tokens)
+        content = [{"type": "text", "text": text}]
+        return chat_request(self.model, [{"role": "user", "content": content}], max_tokens=max_tokens)
 
 
 class Progress:
