@@ -52,12 +52,14 @@ class Upstream:
         self.first_delay = first_delay
         self.chunks = chunks
         self.gap = gap
+        self.connections = 0  # accepted so far (tests check that connections are reused)
         self._chunks = [_content(i, i == chunks - 1) for i in range(chunks)]  # encoded once: the server stays cheap
         # The truth, keyed by the first message's content: (request read, first event written), perf_counter seconds.
         self.truth: dict[str, tuple[float, float]] = {}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve requests on one keep-alive connection until the client closes it."""
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -107,16 +107,17 @@ def make_session(target: Target, concurrency: int) -> aiohttp.ClientSession:
 
 
 async def open_connections(session: aiohttp.ClientSession, target: Target, count: int) -> None:
-    """Open ``count`` keep-alive connections before the clock starts (``GET /v1/models`` on each, concurrently).
+    """Open ``count`` keep-alive connections before the clock starts (``GET /healthz`` on each, concurrently).
 
     A workstation's SDK keeps its connections open, so the TCP and TLS handshakes are not part of the TTFT it
     feels; without this, the first ``count`` requests of a load point would carry them (``vllm bench serve``'s
-    do, which matters only for its first wave).
+    do, which matters only for its first wave). ``/healthz`` is the gateway's liveness route: it needs no key, is
+    not proxied and leaves the audit log alone; vLLM answers it 404, which keeps the connection open all the same.
     """
 
     async def one() -> None:
         try:
-            async with session.get(target.base + "/v1/models", headers=target.headers()) as resp:
+            async with session.get(target.base + "/healthz") as resp:
                 await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError):
             pass  # the load point itself will record what is wrong

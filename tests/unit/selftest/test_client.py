@@ -85,3 +85,14 @@ def test_target_validation() -> None:
     t = Target("https://box:8443/v1", api_key="k")
     assert t.chat_url == "https://box:8443/v1/chat/completions"
     assert t.headers()["Authorization"] == "Bearer k"
+
+
+def test_load_point_opens_its_connections_once_and_reuses_them(upstream: RunningUpstream) -> None:
+    from appliance.selftest.runner import Progress, Workload, plan_single, run_points
+    from appliance.selftest.workloads import PromptMaker
+
+    before = upstream.upstream.connections
+    work = Workload(model="ok", prompts=PromptMaker())
+    (point,) = asyncio.run(run_points(Target(upstream.url), plan_single(4, 12, 8, 2), work, Progress(1, enabled=False)))
+    assert point["completed"] == 12 and point["failed"] == 0
+    assert upstream.upstream.connections - before == 4  # opened before the clock, then kept alive
