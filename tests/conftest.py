@@ -129,6 +129,14 @@ class RunningGateway:
             return []
         return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
 
+    def wait_audit(self, count: int, timeout: float = 15.0) -> list[dict[str, object]]:
+        """The audit log's lines once there are at least ``count`` (the gateway writes a line after responding)."""
+        deadline = time.monotonic() + timeout
+        while len(records := self.audit_records()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(records) >= count, f"expected {count} audit lines within {timeout} s, found {len(records)}"
+        return records
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s."""
         if self.process.poll() is None:

@@ -93,10 +93,10 @@ def test_requests_are_spread_over_both_replicas(pair_gateway: RunningGateway, re
         )  # fmt: skip
         return sum(1 for _ in stream)
 
+    audited = len(pair_gateway.audit_records())
     with ThreadPoolExecutor(4) as pool:
         assert all(n > 0 for n in pool.map(ask, range(4)))
-    time.sleep(0.3)
-    used = [r["upstream"] for r in pair_gateway.audit_records() if r["route"] == "chat" and r["status"] == 200]
+    used = [r["upstream"] for r in pair_gateway.wait_audit(audited + 4) if r["route"] == "chat" and r["status"] == 200]
     assert set(used[-4:]) == {s.launch.base_url for s in replicas}
 
 
@@ -104,6 +104,7 @@ def test_vllm_killed_mid_stream(replicas: list[VllmServer], tmp_path_factory: py
     victim = replicas[1]
     gw = launch_gateway(tmp_path_factory.mktemp("gw-victim"), [victim.launch.base_url])
     try:
+        audited = len(gw.audit_records())
         stream = _client(gw).chat.completions.create(
             model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": "A long story."}], max_tokens=800,
             stream=True, extra_body={"ignore_eos": True},
@@ -118,8 +119,7 @@ def test_vllm_killed_mid_stream(replicas: list[VllmServer], tmp_path_factory: py
                         os.killpg(victim.pid, signal.SIGKILL)
         assert received >= 3
         assert "stopped in the middle of this answer" in info.value.message
-        time.sleep(0.3)
-        assert gw.audit_records()[-1]["reason"] == "upstream_stream_failed"
+        assert gw.wait_audit(audited + 1)[-1]["reason"] == "upstream_stream_failed"
         ready = _readyz(gw)
         assert ready["ready"] is False and ready["reasons"]
     finally:
@@ -130,13 +130,13 @@ def test_one_replica_stopped(pair_gateway: RunningGateway, replicas: list[VllmSe
     alive, dead = replicas
     dead.stop()
     ws = _client(pair_gateway)
+    audited = len(pair_gateway.audit_records())
     for _ in range(4):  # every request succeeds; the first may find the dead one and retry on the live one
         answer = ws.chat.completions.create(
             model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
         )
         assert answer.choices
-    time.sleep(0.3)
-    used = [r["upstream"] for r in pair_gateway.audit_records() if r["route"] == "chat"][-4:]
+    used = [r["upstream"] for r in pair_gateway.wait_audit(audited + 4) if r["route"] == "chat"][-4:]
     assert used == [alive.launch.base_url] * 4
     deadline = time.monotonic() + 10
     while True:

@@ -96,6 +96,7 @@ def raw_post(gw: RunningGateway, body: bytes, headers: dict[str, str] | None = N
 
 
 def test_streaming_over_tls_with_the_sdk(gateway_server: RunningGateway, vllm_server: RunningVllm) -> None:
+    audited = len(gateway_server.audit_records())
     stream = client(gateway_server).chat.completions.create(
         model=vllm_server.model,
         messages=[{"role": "user", "content": [
@@ -109,8 +110,7 @@ def test_streaming_over_tls_with_the_sdk(gateway_server: RunningGateway, vllm_se
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
-    time.sleep(0.2)
-    rec = gateway_server.audit_records()[-1]
+    rec = gateway_server.wait_audit(audited + 1)[-1]
     assert rec["route"] == "chat" and rec["status"] == 200 and rec["stream"] is True
     assert rec["key"] and rec["key"] != gateway_server.key
     assert rec["images"] == 1 and isinstance(rec["image_bytes"], int) and rec["image_bytes"] > 0
@@ -223,6 +223,7 @@ def test_rejections_never_reach_vllm(
 ) -> None:
     payload = json.dumps({"model": vllm_server.model, "max_tokens": 2, **body}).replace("{image_host}", image_host)
     before = chat_posts_seen_by_vllm(vllm_server)
+    audited = len(gateway_server.audit_records())
     with pytest.raises(openai.APIStatusError) as info:
         client(gateway_server).chat.completions.create(**json.loads(payload))
     err = info.value
@@ -232,7 +233,7 @@ def test_rejections_never_reach_vllm(
     assert "base64," not in err.message.replace("data:image/png;base64,<base64 of the file>", "")
     assert chat_posts_seen_by_vllm(vllm_server) == before, "vLLM received a refused request"
     assert _Listener.hits == [], "something fetched the image URL"
-    rec = gateway_server.audit_records()[-1]
+    rec = gateway_server.wait_audit(audited + 1)[-1]
     assert (rec["status"], rec["reason"]) == (status, code)
 
 
@@ -297,6 +298,7 @@ def _long_body(model: str, stream: bool) -> dict[str, Any]:
 
 
 def test_disconnect_mid_stream_aborts_in_vllm(gateway_server: RunningGateway, vllm_server: RunningVllm) -> None:
+    audited = len(gateway_server.audit_records())
     generated = vllm_metric(vllm_server, "vllm:generation_tokens_total")
     hdrs = {"Authorization": f"Bearer {gateway_server.key}"}
     url = gateway_server.base_url + "/v1/chat/completions"
@@ -315,13 +317,13 @@ def test_disconnect_mid_stream_aborts_in_vllm(gateway_server: RunningGateway, vl
     # Leaving the with-block closed the connection mid-stream: vLLM must stop well before LONG tokens.
     assert _wait_metric(vllm_server, "vllm:num_requests_running", 0) == 0
     assert vllm_metric(vllm_server, "vllm:generation_tokens_total") - generated < LONG
-    time.sleep(0.3)
-    assert gateway_server.audit_records()[-1]["reason"] == "client_disconnected"
+    assert gateway_server.wait_audit(audited + 1)[-1]["reason"] == "client_disconnected"
 
 
 def test_disconnect_while_waiting_non_streaming_aborts_in_vllm(
     gateway_server: RunningGateway, vllm_server: RunningVllm
 ) -> None:
+    audited = len(gateway_server.audit_records())
     generated = vllm_metric(vllm_server, "vllm:generation_tokens_total")
     hdrs = {"Authorization": f"Bearer {gateway_server.key}"}
     timeout = httpx.Timeout(60, read=0.3)
@@ -330,8 +332,7 @@ def test_disconnect_while_waiting_non_streaming_aborts_in_vllm(
                   headers=hdrs)  # fmt: skip
     assert _wait_metric(vllm_server, "vllm:num_requests_running", 0) == 0
     assert vllm_metric(vllm_server, "vllm:generation_tokens_total") - generated < LONG
-    time.sleep(0.3)
-    assert gateway_server.audit_records()[-1]["reason"] == "client_disconnected"
+    assert gateway_server.wait_audit(audited + 1)[-1]["reason"] == "client_disconnected"
 
 
 def test_key_revoked_mid_session(gateway_server: RunningGateway, vllm_server: RunningVllm) -> None:
