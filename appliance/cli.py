@@ -38,6 +38,8 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.demo_model",
     "appliance.commands.vllm_cpu",
+    "appliance.commands.status",
+    "appliance.commands.dashboard",
 )
 
 
