@@ -36,6 +36,14 @@ def _gib(value: int | None) -> str:
     return "N/A" if value is None else f"{value / GIB:.1f} GiB"
 
 
+def _ms(value: float | None) -> str:
+    return "N/A" if value is None else f"{value:.0f} ms"
+
+
+def _count(value: float | None) -> str:
+    return "N/A" if value is None else f"{value:.0f}"
+
+
 def _memory_lines(snap: Snapshot) -> list[str]:
     part = snap.memory
     if part.error:
@@ -66,7 +74,9 @@ def render_text(snap: Snapshot, found: list[Problem]) -> str:
     for r in snap.vllm.replicas:
         kv = "N/A" if r.kv_cache_usage is None else f"{r.kv_cache_usage:.0%}"
         state = "healthy" if r.healthy else "DOWN"
-        lines.append(f"vllm      {r.url} {state}, KV cache {kv}, running {r.running}, waiting {r.waiting}")
+        lines.append(
+            f"vllm      {r.url} {state}, KV cache {kv}, running {_count(r.running)}, waiting {_count(r.waiting)}"
+        )
     gw = snap.gateway
     lines.append(f"gateway   {gw.url}: {'ready' if gw.ready else 'NOT READY'}" + (f" ({gw.error})" if gw.error else ""))
     for u in snap.units.units:
@@ -79,7 +89,7 @@ def render_text(snap: Snapshot, found: list[Problem]) -> str:
         age = f"{age_text(snap.taken_at - run.when)} ago" if run.when else "time unknown"
         verdict = {True: "passed", False: "FAILED", None: "unknown"}[run.passed]
         lines.append(
-            f"selftest  {verdict} {age}: TTFT p50 {run.ttft_p50_ms} ms, p99 {run.ttft_p99_ms} ms ({run.reason})"
+            f"selftest  {verdict} {age}: TTFT p50 {_ms(run.ttft_p50_ms)}, p99 {_ms(run.ttft_p99_ms)} ({run.reason})"
         )
     return "\n".join(lines)
 
