@@ -74,9 +74,8 @@ def render_text(snap: Snapshot, found: list[Problem]) -> str:
     for r in snap.vllm.replicas:
         kv = "N/A" if r.kv_cache_usage is None else f"{r.kv_cache_usage:.0%}"
         state = "healthy" if r.healthy else "DOWN"
-        lines.append(
-            f"vllm      {r.url} {state}, KV cache {kv}, running {_count(r.running)}, waiting {_count(r.waiting)}"
-        )
+        counts = f"running {_count(r.running)}, waiting {_count(r.waiting)}"
+        lines.append(f"vllm      {r.url} {state}, KV cache {kv}, {counts}")
     gw = snap.gateway
     lines.append(f"gateway   {gw.url}: {'ready' if gw.ready else 'NOT READY'}" + (f" ({gw.error})" if gw.error else ""))
     for u in snap.units.units:

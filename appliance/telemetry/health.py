@@ -13,7 +13,7 @@ from typing import Literal
 
 from appliance.telemetry.sources import Snapshot
 
-__all__ = ["DEFAULT_SELFTEST_MAX_AGE", "Problem", "age_text", "problems"]
+__all__ = ["DEFAULT_SELFTEST_MAX_AGE", "Problem", "age_text", "problems", "short_age"]
 
 # The timer runs nightly; a result older than a day and a bit means a run was missed.
 DEFAULT_SELFTEST_MAX_AGE = timedelta(hours=26)
@@ -38,6 +38,13 @@ def age_text(delta: timedelta) -> str:
     if seconds < 86400:
         return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def short_age(delta: timedelta) -> str:
+    """``42s``, ``5m``, ``3h10m``, ``2d4h`` — for table cells."""
+    return (
+        age_text(delta).replace(" min", "m").replace(" s", "s").replace(" h", "h").replace(" d", "d").replace(" ", "")
+    )
 
 
 def problems(snap: Snapshot, now: datetime, selftest_max_age: timedelta = DEFAULT_SELFTEST_MAX_AGE) -> list[Problem]:

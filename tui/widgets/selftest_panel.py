@@ -44,9 +44,13 @@ def render_selftest(part: SelftestPart | None, now: datetime, max_age: timedelta
         lines.append(Text(run.reason, style="red" if run.passed is False else ""))
     lines.append(
         Text(
-            f"TTFT p50 {na(run.ttft_p50_ms, '{:.0f} ms')}  p99 {na(run.ttft_p99_ms, '{:.0f} ms')}   "
-            f"TPOT {na(run.tpot_p50_ms, '{:.1f} ms')}   {na(run.request_throughput, '{:.2f}')} req/s · "
-            f"{na(run.output_throughput, '{:.0f}')} tok/s"
+            f"TTFT p50 {na(run.ttft_p50_ms, '{:.0f} ms')}  p99 {na(run.ttft_p99_ms, '{:.0f} ms')}   TPOT {na(run.tpot_p50_ms, '{:.1f} ms')}"
+        )
+    )
+    lines.append(
+        Text(
+            f"throughput {na(run.request_throughput, '{:.2f}')} req/s · {na(run.output_throughput, '{:.0f}')} tok/s"
+            f" · {na(run.completed)} ok / {na(run.failed)} failed"
         )
     )
     if age is not None and age > max_age:

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from appliance.telemetry.health import age_text
+from appliance.telemetry.health import short_age
 from appliance.telemetry.parts import GatewayPart, UnitsPart, UnitStatus, VllmPart
 
 __all__ = ["ServicesPanel", "render_endpoints"]
@@ -20,9 +20,9 @@ DOWN = "bold white on red"
 
 def _unit_row(unit: UnitStatus, now: datetime) -> tuple[Text, ...]:
     style = "" if unit.healthy else DOWN
-    state = unit.load_state if unit.load_state == "not-found" else f"{unit.active_state}/{unit.sub_state}"
+    state = unit.load_state if unit.load_state == "not-found" else (unit.sub_state or unit.active_state)
     mark = "✔" if unit.healthy else "✖"
-    since = f"{age_text(now - unit.since)} ago" if unit.since else "–"
+    since = short_age(now - unit.since) if unit.since else "–"
     restarts = "–" if unit.restarts is None else str(unit.restarts)
     restart_style = style or ("yellow" if unit.restarts else "")
     return (
@@ -80,7 +80,7 @@ class ServicesPanel(Vertical):
     def compose(self) -> ComposeResult:
         """The unit table, the systemd error line, and the endpoint checks."""
         table: DataTable[Text] = DataTable(id="units", cursor_type="row", zebra_stripes=False, show_cursor=True)
-        table.add_columns("unit", "state", "since", "restarts", "last result")
+        table.add_columns("unit", "state", "since", "↻", "result")
         yield table
         yield Static("", id="units-error")
         yield Static(Text("reading…", style="dim"), id="endpoints")

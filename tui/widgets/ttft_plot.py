@@ -11,7 +11,7 @@ __all__ = ["plot_ttft"]
 EIGHTHS = " ▁▂▃▄▅▆▇█"
 
 
-def plot_ttft(p50: Sequence[float | None], p99: Sequence[float | None], height: int = 5, width: int = 40) -> Text:
+def plot_ttft(p50: Sequence[float | None], p99: Sequence[float | None], height: int = 6, width: int = 48) -> Text:
     """Rows of a plot, newest run on the right: p50 as bars, p99 as ``●``; a missing value leaves a gap."""
     p50, p99 = list(p50)[-width:], list(p99)[-width:]
     values = [v for v in (*p50, *p99) if v is not None]
