@@ -42,9 +42,10 @@ def age_text(delta: timedelta) -> str:
 
 def short_age(delta: timedelta) -> str:
     """``42s``, ``5m``, ``3h10m``, ``2d4h`` — for table cells."""
-    return (
-        age_text(delta).replace(" min", "m").replace(" s", "s").replace(" h", "h").replace(" d", "d").replace(" ", "")
-    )
+    text = age_text(delta)
+    for long, short in ((" min", "m"), (" s", "s"), (" h", "h"), (" d", "d"), (" ", "")):
+        text = text.replace(long, short)
+    return text
 
 
 def problems(snap: Snapshot, now: datetime, selftest_max_age: timedelta = DEFAULT_SELFTEST_MAX_AGE) -> list[Problem]:

@@ -29,9 +29,7 @@ def _gpu_lines(gpu: GpuDevice, part: MemoryPart) -> list[Text]:
         host = part.hardware.host
         head = Text.assemble((f"GPU {gpu.index} ", "bold"), gpu.name, ("  unified memory", "bold magenta"), util)
         frac = host.used / host.total if host.total else None
-        usage = Text.assemble(
-            "  ", bar(frac), f" used {gib(host.used)} / {gib(host.total)} · available {gib(host.available)}"
-        )
+        usage = Text.assemble("  ", bar(frac), f" {gib(host.used)} / {gib(host.total)} · free {gib(host.available)}")
         if held is None and part.vllm_processes:
             vllm = Text(f"  vLLM holds {gib(part.vllm_rss())} (resident, {len(part.vllm_processes)} processes)")
         elif held is not None:

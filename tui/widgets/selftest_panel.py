@@ -44,7 +44,8 @@ def render_selftest(part: SelftestPart | None, now: datetime, max_age: timedelta
         lines.append(Text(run.reason, style="red" if run.passed is False else ""))
     lines.append(
         Text(
-            f"TTFT p50 {na(run.ttft_p50_ms, '{:.0f} ms')}  p99 {na(run.ttft_p99_ms, '{:.0f} ms')}   TPOT {na(run.tpot_p50_ms, '{:.1f} ms')}"
+            f"TTFT p50 {na(run.ttft_p50_ms, '{:.0f} ms')}  p99 {na(run.ttft_p99_ms, '{:.0f} ms')}   "
+            f"TPOT {na(run.tpot_p50_ms, '{:.1f} ms')}"
         )
     )
     lines.append(
