@@ -55,12 +55,13 @@ class SelftestJob:
                 self._proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.PIPE, text=True)
             except OSError as exc:
                 return SelftestOutcome(127, f"self-test could not start: {exc}", False)
-            assert self._proc.stderr is not None
-            for line in self._proc.stderr:
-                if line.strip():
-                    last = line.strip()
-                    on_progress(last)
-            returncode = self._proc.wait()
+            with self._proc as proc:
+                assert proc.stderr is not None
+                for line in proc.stderr:
+                    if line.strip():
+                        last = line.strip()
+                        on_progress(last)
+                returncode = proc.wait()
             out.seek(0)
             return SelftestOutcome.from_output(returncode, out.read(), last)
 
