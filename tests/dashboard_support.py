@@ -2,7 +2,8 @@
 
 Snapshots are ``app.export_screenshot()`` at a fixed size, compared with files under tests/snapshots/dashboard/.
 Regenerate them (after checking the change is intended) with ``CLINIC_EDGE_SNAPSHOT_UPDATE=1``.
-pytest-textual-snapshot pins syrupy 4.8 and has no release tested with Textual 8, so this small helper stands in.
+pytest-textual-snapshot 1.1.0 pins syrupy==4.8.0, which requires pytest<9 (we run pytest 9), so this small helper
+stands in.
 """
 
 from __future__ import annotations

@@ -133,4 +133,7 @@ class SystemdSource:
         result = self._run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "short-iso"])
         if result.returncode != 0:
             return JournalResult(unit, [], f"journalctl: {_first_line(result)}")
-        return JournalResult(unit, result.stdout.splitlines()[-lines:])
+        found = [line for line in result.stdout.splitlines() if line.strip() and line.strip() != "-- No entries --"]
+        if not found and result.stderr.strip():  # "No journal files were found." (no journald here)
+            return JournalResult(unit, [], f"journalctl: {_first_line(result)}")
+        return JournalResult(unit, found[-lines:])
