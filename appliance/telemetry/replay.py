@@ -142,7 +142,7 @@ def replay_sources(scenario: dict[str, Any], root: Path) -> Sources:
     now = datetime.fromisoformat(scenario.get("now", "2026-11-23T08:00:00+00:00"))
     return Sources(
         config=ConfigSource(etc, scenario.get("hostname", "clinic-box")),
-        memory=MemorySource(hardware, lambda: processes),
+        memory=MemorySource(hardware, lambda: processes, meminfo=lambda: read_meminfo(meminfo)),
         vllm=VllmSource(urls, fetch),
         gateway=GatewaySource(scenario.get("gateway_url", "https://127.0.0.1:8443"), fetch),
         units=units,

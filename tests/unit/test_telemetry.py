@@ -216,3 +216,28 @@ def test_status_on_this_machine_exits_1_and_says_why(tmp_path: Path, capsys: pyt
     doc = json.loads(capsys.readouterr().out)
     texts = " | ".join(p["text"] for p in doc["problems"])
     assert "refused" in texts and doc["memory"]["hardware"]["host"]["total"] > 0
+
+
+def test_memory_source_reprobes_a_missing_driver_only_now_and_then(tmp_path: Path) -> None:
+    from appliance.hardware import HardwareSnapshot, HostMemory
+
+    calls = {"probe": 0, "scan": 0}
+    now = [0.0]
+
+    def hardware() -> HardwareSnapshot:
+        calls["probe"] += 1
+        return HardwareSnapshot(gpus=[], host=HostMemory(10, 5), nvml_error="no NVIDIA driver answered")
+
+    def processes() -> list[ProcessInfo]:
+        calls["scan"] += 1
+        return []
+
+    source = MemorySource(hardware, processes, meminfo=lambda: HostMemory(10, 4), nvml_retry_s=60, clock=lambda: now[0])
+    first = source.read()
+    now[0] = 30.0
+    second = source.read()
+    assert calls["probe"] == 1 and second.hardware is not None and second.hardware.host.available == 4
+    assert first.hardware is not None and second.hardware.nvml_error == first.hardware.nvml_error
+    now[0] = 61.0
+    source.read()
+    assert calls["probe"] == 2 and calls["scan"] == 3

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MainScreen"]
 
+REDRAW_AGES_S = 30.0
+
 
 class MainScreen(Screen[None]):
     """Memory, self-test and services; every source read in its own thread worker."""
@@ -69,6 +71,7 @@ class MainScreen(Screen[None]):
         self.parts: dict[str, Any] = {}
         self.now: datetime = settings.sources.clock()
         self._in_flight: set[str] = set()
+        self._drawn_at: dict[str, datetime] = {}
         self.selftest_job: SelftestJob | None = None
         self.selftest_outcome: SelftestOutcome | None = None
         self._selftest_started = 0.0
@@ -112,8 +115,13 @@ class MainScreen(Screen[None]):
     @on(PartRead)
     def _part_read(self, message: PartRead) -> None:
         self._in_flight.discard(message.name)
-        self.parts[message.name] = part = message.part
-        now = self.now
+        part, now = message.part, self.now
+        # Steady state costs little: an unchanged part is not redrawn, except now and then for its ages ("5 min ago").
+        last = self._drawn_at.get(message.name)
+        if self.parts.get(message.name) == part and last is not None and (now - last).total_seconds() < REDRAW_AGES_S:
+            return
+        self.parts[message.name] = part
+        self._drawn_at[message.name] = now
         if isinstance(part, ConfigPart):
             self.query_one(TopBar).show(config=part)
             self.query_one(PlanBar).show(part, self.settings.refresh)
