@@ -80,7 +80,9 @@ class ServicesPanel(Vertical):
     def compose(self) -> ComposeResult:
         """The unit table, the systemd error line, and the endpoint checks."""
         table: DataTable[Text] = DataTable(id="units", cursor_type="row", zebra_stripes=False, show_cursor=True)
-        table.add_columns("unit", "state", "since", "↻", "result")
+        # Fixed widths: the header stays aligned when rows are replaced, and the table fits half of 120 columns.
+        for label, width in (("unit", 18), ("state", 12), ("since", 5), ("↻", 2), ("result", 9)):
+            table.add_column(label, width=width)
         yield table
         yield Static("", id="units-error")
         yield Static(Text("reading…", style="dim"), id="endpoints")
