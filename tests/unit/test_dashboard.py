@@ -235,3 +235,44 @@ async def test_run_quick_selftest_key(tmp_path: Path, passed: bool) -> None:
         latest = screen.parts["selftest"].latest
         assert latest is not None and latest.id == "fake" and latest.ttft_p99_ms == 12.0
         assert json.loads((tmp_path / "replay" / "state" / "selftest" / "latest.json").read_text())["id"] == "fake"
+
+
+@pytest.mark.asyncio
+async def test_refresh_key_and_timer_read_again(tmp_path: Path) -> None:
+    sources = scenario_sources("h100_healthy", tmp_path)
+    reads = {"n": 0}
+    inner = sources.selftest
+
+    class Counting:
+        name = "selftest"
+
+        def read(self) -> Any:
+            reads["n"] += 1
+            return inner.read()
+
+    sources.selftest = Counting()
+    app = DashboardApp(DashboardSettings(sources=sources, refresh=60))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert reads["n"] == 1
+        await pilot.press("r")
+        await settle(app, pilot)
+        assert reads["n"] == 2
+    app = DashboardApp(DashboardSettings(sources=sources, refresh=0.2))
+    async with app.run_test(size=SIZE) as pilot:
+        for _ in range(50):  # bounded: at most ~5 s on a loaded machine
+            await pilot.pause(0.1)
+            if reads["n"] >= 5:
+                break
+        await settle(app, pilot)
+        assert reads["n"] >= 5, "the timer refreshes every 0.2 s"
+
+
+def test_dashboard_cli_rejects_a_too_fast_refresh(capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.cli import main
+
+    assert main(["dashboard", "--refresh", "0.01"]) == 2
+    assert "too fast" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--help"])
+    assert "Example: clinic-edge dashboard" in capsys.readouterr().out
