@@ -92,6 +92,10 @@ def problems(snap: Snapshot, now: datetime, selftest_max_age: timedelta = DEFAUL
             )
     if snap.memory.error:
         warn("memory", snap.memory.error)
+    hardware = snap.memory.hardware
+    planned = (snap.config.hardware or "").lower()
+    if hardware is not None and not hardware.gpus and planned and "cpu" not in planned:
+        bad("memory", f"the plan is for {snap.config.hardware} but no NVIDIA GPU answers: {hardware.nvml_error}")
     if snap.config.error:
         warn("config", snap.config.error)
     found.sort(key=lambda p: p.severity != "bad")

@@ -241,3 +241,13 @@ def test_memory_source_reprobes_a_missing_driver_only_now_and_then(tmp_path: Pat
     now[0] = 61.0
     source.read()
     assert calls["probe"] == 2 and calls["scan"] == 3
+
+
+def test_a_gpu_plan_without_a_gpu_is_unhealthy(tmp_path: Path) -> None:
+    scenario = json.loads((FIXTURES / "h100_healthy.json").read_text())
+    scenario["nvml"] = {"init_error": "Driver Not Loaded"}
+    from appliance.telemetry.replay import replay_sources
+
+    snap = collect(replay_sources(scenario, tmp_path))
+    (problem,) = problems(snap, snap.taken_at)
+    assert problem.severity == "bad" and "plan is for h100" in problem.text and "Driver Not Loaded" in problem.text
