@@ -254,18 +254,19 @@ async def test_refresh_key_and_timer_read_again(tmp_path: Path) -> None:
     app = DashboardApp(DashboardSettings(sources=sources, refresh=60))
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
-        assert reads["n"] == 1
+        before = reads["n"]
+        assert before >= 1
         await pilot.press("r")
         await settle(app, pilot)
-        assert reads["n"] == 2
+        assert reads["n"] == before + 1
     app = DashboardApp(DashboardSettings(sources=sources, refresh=0.2))
     async with app.run_test(size=SIZE) as pilot:
         for _ in range(50):  # bounded: at most ~5 s on a loaded machine
             await pilot.pause(0.1)
-            if reads["n"] >= 5:
+            if reads["n"] >= before + 4:
                 break
         await settle(app, pilot)
-        assert reads["n"] >= 5, "the timer refreshes every 0.2 s"
+        assert reads["n"] >= before + 4, "the timer refreshes every 0.2 s"
 
 
 def test_dashboard_cli_rejects_a_too_fast_refresh(capsys: pytest.CaptureFixture[str]) -> None:

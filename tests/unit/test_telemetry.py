@@ -183,10 +183,10 @@ def test_memory_source_on_this_machine_reads_host_memory() -> None:
     assert part.error is None and part.hardware is not None and part.hardware.host.total > 0
 
 
-def test_health_and_ages() -> None:
+def test_health_and_ages(tmp_path: Path) -> None:
     assert age_text(timedelta(seconds=42)) == "42 s" and age_text(timedelta(hours=3, minutes=10)) == "3 h 10 min"
     assert short_age(timedelta(days=2, hours=4)) == "2d4h"
-    snap = collect(scenario_sources("h100_healthy", Path("/tmp/clinic-edge-test-health")))
+    snap = collect(scenario_sources("h100_healthy", tmp_path))
     assert problems(snap, snap.taken_at) == []
     later = problems(snap, snap.taken_at + timedelta(days=2))
     assert [p.severity for p in later] == ["warn"] and "old" in later[0].text
