@@ -38,6 +38,7 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.demo_model",
     "appliance.commands.vllm_cpu",
+    "appliance.commands.plan",
     "appliance.commands.status",
     "appliance.commands.dashboard",
 )

@@ -30,8 +30,17 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def replica_urls(plan: dict[str, Any] | None) -> list[str]:
-    """The loopback URLs of the plan's vLLM replicas (``clinic-edge-vllm@i`` listens on 8000+i)."""
+    """The loopback URLs of the plan's vLLM replicas: their ``port``s, else 8000+i for ``topology.replicas``."""
+    listed = plan.get("replicas") if plan else None
+    if isinstance(listed, list):
+        ports = [_int(r.get("port")) for r in listed if isinstance(r, dict)]
+        if ports and all(ports):
+            return [f"http://127.0.0.1:{port}" for port in ports]
     topology = plan.get("topology") if plan else None
     replicas = _int(topology.get("replicas")) if isinstance(topology, dict) else None
     return [f"http://127.0.0.1:{FIRST_VLLM_PORT + i}" for i in range(replicas or 1)]
@@ -85,8 +94,8 @@ class ConfigSource:
             replicas=_int(topology.get("replicas")),
             tp=_int(topology.get("tp")),
             max_model_len=_int(plan.get("max_model_len")),
-            max_concurrency=_int(plan.get("max_concurrency")),
-            kv_cache_gib=float(kv) if isinstance(kv, int | float) and not isinstance(kv, bool) else None,
+            max_concurrency=_float(plan.get("max_concurrency")),
+            kv_cache_gib=_float(kv),
             hardware=_text(hardware, "name", "profile") if isinstance(hardware, dict) else _text(plan, "hardware"),
             error="; ".join(problems) or None,
         )

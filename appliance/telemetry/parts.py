@@ -185,7 +185,7 @@ class ConfigPart(_Part):
     replicas: int | None = None
     tp: int | None = None
     max_model_len: int | None = None
-    max_concurrency: int | None = None
+    max_concurrency: float | None = None  # sessions of max_model_len tokens that fit per replica
     kv_cache_gib: float | None = None
     hardware: str | None = None
     error: str | None = None
@@ -200,7 +200,7 @@ class ConfigPart(_Part):
         if self.max_model_len is not None:
             bits.append(f"ctx {self.max_model_len}")
         if self.max_concurrency is not None:
-            bits.append(f"{self.max_concurrency} concurrent")
+            bits.append(f"{self.max_concurrency:g} × ctx per replica")
         if self.kv_cache_gib is not None:
             bits.append(f"KV {self.kv_cache_gib:.1f} GiB")
         if self.hardware:

@@ -251,3 +251,16 @@ def test_a_gpu_plan_without_a_gpu_is_unhealthy(tmp_path: Path) -> None:
     snap = collect(replay_sources(scenario, tmp_path))
     (problem,) = problems(snap, snap.taken_at)
     assert problem.severity == "bad" and "plan is for h100" in problem.text and "Driver Not Loaded" in problem.text
+
+
+def test_the_planners_real_plan_json_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).parents[1] / "fixtures" / "model-configs" / "Llama-3.1-8B-Instruct.json"
+    argv = ["plan", str(config), "--hardware", "h100", "--gpus", "2", "--weights-gib", "14.99"]
+    assert main([*argv, "--write-env", str(tmp_path / "vllm")]) == 0
+    capsys.readouterr()
+    part = ConfigSource(tmp_path, "box").read()
+    assert part.plan_verdict == "fits" and part.replicas == 2 and part.tp == 1 and part.hardware == "h100"
+    assert part.max_model_len and part.max_concurrency and part.kv_cache_gib
+    from appliance.telemetry.config import read_plan
+
+    assert replica_urls(read_plan(tmp_path)) == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
