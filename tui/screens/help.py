@@ -17,7 +17,7 @@ HELP = """\
 
 [b]Keys[/b]
   t        run the quick self-test now (progress in the self-test panel; the result appears when done)
-  j        show the last 50 lines of the journal of the unit selected in the Services table (↑/↓ to select)
+  j        the last 50 journal lines of the unit selected in the Services table (↑/↓ selects)
   r        refresh every panel now
   ?        this help            q   quit            escape   close this screen
 
@@ -26,9 +26,10 @@ HELP = """\
               MemTotal/MemAvailable, labelled "unified". N/A: the driver does not report that figure.
               vLLM replicas: KV-cache use, running and waiting requests (from /metrics).
   Self-test   the last result (TTFT p50/p99, TPOT, throughput, verdict), its age, TTFT over the history.
-  Services    the systemd units (a unit that is down is red), the gateway's /readyz reasons, vLLM's /health.
+  Services    the systemd units (a unit that is down is red), the gateway's /readyz, vLLM's /health.
 
-A source that cannot be read says why in its panel; the rest keeps working. For scripts: clinic-edge status --json
+A source that cannot be read says why in its panel; the rest keeps working.
+For scripts and monitoring: clinic-edge status --json (exit 1 when anything is unhealthy).
 """
 
 
