@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from appliance.cli import Outcome
 from appliance.commands.telemetry_flags import (
@@ -14,8 +15,9 @@ from appliance.commands.telemetry_flags import (
     sources_from_args,
 )
 from appliance.errors import UsageError
+from appliance.telemetry.selftest_files import results_dir
 
-__all__ = ["register"]
+__all__ = ["register", "selftest_argv"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -43,16 +45,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     parser.set_defaults(func=_dashboard)
 
 
+def selftest_argv(command: list[str], target: str, state_dir: Path, ca_cert: Path | None) -> list[str]:
+    """The quick self-test's command line; results go where the nightly runs and the dashboard read them."""
+    argv = [*command, "--quick", "--json", "--target", target, "--state-dir", str(results_dir(state_dir))]
+    if ca_cert is not None and target.startswith("https:"):
+        argv += ["--ca-cert", str(ca_cert)]
+    return argv
+
+
 def _dashboard(args: argparse.Namespace) -> Outcome:
     if args.refresh < 0.2:
         raise UsageError(f"--refresh {args.refresh} is too fast.", "Use 0.2 seconds or more (the default is 2).")
     options = options_from_args(args)
     sources = sources_from_args(args)
     target = args.selftest_target or options.resolved_vllm_urls()[0]
-    argv = [*shlex.split(args.selftest_command), "--quick", "--json", "--target", target]
-    argv += ["--state-dir", str(options.state_dir)]
-    if options.resolved_ca_cert() is not None and target.startswith("https:"):
-        argv += ["--ca-cert", str(options.resolved_ca_cert())]
+    argv = selftest_argv(shlex.split(args.selftest_command), target, options.state_dir, options.resolved_ca_cert())
 
     from tui.app import DashboardApp, DashboardSettings  # Textual loads only for this command
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from appliance.telemetry.parts import SelftestPart, SelftestRun
 
-__all__ = ["SelftestSource", "parse_run"]
+__all__ = ["SelftestSource", "parse_run", "results_dir"]
 
 HISTORY_LIMIT = 60  # the plot shows at most this many runs
 

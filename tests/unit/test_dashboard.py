@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from textual.widgets import DataTable
 
+from appliance.commands.dashboard import selftest_argv
 from appliance.telemetry.parts import GatewayPart
 from tests.dashboard_support import SCENARIOS, SIZE, assert_snapshot, plain, scenario_sources
 from tui.app import DashboardApp, DashboardSettings
@@ -189,7 +190,7 @@ async def test_a_source_that_raises_shows_why(tmp_path: Path) -> None:
 FAKE_SELFTEST = """
 import json, sys, pathlib, time
 args = sys.argv[1:]
-state = pathlib.Path(args[args.index("--state-dir") + 1]) / "selftest"
+state = pathlib.Path(args[args.index("--state-dir") + 1])  # the results folder itself, as the real selftest
 print("warming up", file=sys.stderr, flush=True)
 time.sleep(0.2)
 print("request 8/8", file=sys.stderr, flush=True)
@@ -208,8 +209,8 @@ sys.exit(%d)
 async def test_run_quick_selftest_key(tmp_path: Path, passed: bool) -> None:
     script = tmp_path / "fake_selftest.py"
     script.write_text(FAKE_SELFTEST % (passed, 0 if passed else 1))
-    argv = [sys.executable, str(script), "--quick", "--json", "--target", "http://127.0.0.1:8000"]
-    argv += ["--state-dir", str(tmp_path / "replay" / "state")]
+    argv = selftest_argv([sys.executable, str(script)], "http://127.0.0.1:8000", tmp_path / "replay" / "state", None)
+    assert argv[-2:] == ["--state-dir", str(tmp_path / "replay" / "state" / "selftest")]
     app = DashboardApp(
         DashboardSettings(
             sources=scenario_sources("no_selftest_yet", tmp_path / "replay"), refresh=60, selftest_argv=argv
