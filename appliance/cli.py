@@ -39,6 +39,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.demo_model",
     "appliance.commands.vllm_cpu",
     "appliance.commands.plan",
+    "appliance.commands.tls",
+    "appliance.commands.keys",
+    "appliance.commands.gateway",
     "appliance.commands.status",
     "appliance.commands.dashboard",
 )

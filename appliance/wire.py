@@ -116,7 +116,9 @@ def classify(data: bytes) -> ParsedChunk:
     delta = first.get("delta") or {}
     text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
     finish = first.get("finish_reason")
-    kind: ChunkKind = "content" if text or finish else "role"
+    # vLLM's first chunk carries only the role; later chunks may carry empty text (a token that decodes to
+    # nothing yet, e.g. half of a multi-byte character) and still count as content events.
+    kind: ChunkKind = "role" if delta.get("role") and not text and not finish else "content"
     return ParsedChunk(kind, content=text, usage=usage, finish_reason=finish)
 
 

@@ -7,9 +7,16 @@ nothing may be skipped — :func:`require` fails instead, and a hook turns any o
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
-from collections.abc import Iterator
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +101,115 @@ def vllm_server(
         )
     finally:
         server.stop()
+
+
+# --- the gateway in front of vLLM ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningGateway:
+    """A real ``clinic-edge gateway`` process: where it listens, a valid key, the CA a workstation trusts."""
+
+    base_url: str  # https://127.0.0.1:PORT (or http:// when started without TLS)
+    key: str
+    ca_path: Path | None
+    keys_file: Path
+    audit_log: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts only the clinic CA (what a workstation does after importing ca.crt)."""
+        assert self.ca_path is not None
+        return ssl.create_default_context(cafile=str(self.ca_path))
+
+    def audit_records(self) -> list[dict[str, object]]:
+        """The audit log's lines so far."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def launch_gateway(
+    directory: Path,
+    upstreams: list[str],
+    *,
+    extra_args: Sequence[str] = (),
+    tls: bool = True,
+    wait_ready: bool = True,
+    timeout: float = 180.0,
+) -> RunningGateway:
+    """Start ``clinic-edge gateway`` (the real CLI) with a fresh key, TLS from ``clinic-edge tls ensure``, and wait
+    until ``/readyz`` says ready (or only until it answers, with ``wait_ready=False``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "appliance"]
+    keys_file = directory / "keys.json"
+    out = subprocess.run(
+        [*cli, "keys", "add", f"ws-{free_port()}", "--keys-file", str(keys_file)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    key = out.stdout.strip().splitlines()[-1]
+    port = free_port()
+    args = [*cli, "gateway", "--listen", f"127.0.0.1:{port}", "--keys-file", str(keys_file)]
+    args += ["--audit-log", str(directory / "audit.jsonl"), "--health-interval-s", "0.5"]
+    for url in upstreams:
+        args += ["--upstream", url]
+    ca_path = None
+    if tls:
+        tls_dir = directory / "tls"
+        subprocess.run(
+            [*cli, "tls", "ensure", "--dir", str(tls_dir), "--name", "localhost", "--ip", "127.0.0.1"],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        args += ["--tls-cert", str(tls_dir / "server.crt"), "--tls-key", str(tls_dir / "server.key")]
+        ca_path = tls_dir / "ca.crt"
+    log_path = directory / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([*args, *extra_args], stdout=log, stderr=subprocess.STDOUT)
+    gw = RunningGateway(
+        base_url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
+        key=key,
+        ca_path=ca_path,
+        keys_file=keys_file,
+        audit_log=directory / "audit.jsonl",
+        log_path=log_path,
+        process=proc,
+    )
+    ctx = gw.ssl_context() if tls else None
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(gw.base_url + "/readyz", timeout=5, context=ctx) as resp:
+                if resp.status == 200:
+                    return gw
+        except urllib.error.HTTPError as err:
+            if err.code == 503 and not wait_ready:
+                return gw
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            gw.stop()
+            raise RuntimeError(f"gateway not ready within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def gateway_server(vllm_server: RunningVllm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """The gateway (TLS with a fresh clinic CA, one workstation key) in front of the session's vLLM."""
+    gw = launch_gateway(tmp_path_factory.mktemp("gateway"), [vllm_server.base_url])
+    try:
+        yield gw
+    finally:
+        gw.stop()

@@ -1,7 +1,5 @@
-"""``clinic-edge dashboard`` in a real terminal (tmux) against a real vLLM (CPU build): live numbers must appear.
-
-The gateway is not part of this test yet (its branch lands separately): the dashboard is pointed at a closed port
-and must show the gateway as down while everything else keeps updating.
+"""``clinic-edge dashboard`` in a real terminal (tmux) against a real vLLM (CPU build) and the real gateway (TLS with
+the clinic CA): live numbers must appear, the gateway must read ready, and q must quit.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import RunningVllm, free_port, require
+from tests.conftest import RunningGateway, RunningVllm, require
 
 pytestmark = pytest.mark.vllm
 
@@ -87,27 +85,23 @@ def load(vllm: RunningVllm, requests: int = 4, tokens: int = 700) -> None:
     )
 
 
-def test_dashboard_shows_live_vllm_numbers_in_tmux(vllm_server: RunningVllm, tmux: Tmux, tmp_path: Path) -> None:
+def test_dashboard_shows_live_vllm_numbers_in_tmux(
+    vllm_server: RunningVllm, gateway_server: RunningGateway, tmux: Tmux, tmp_path: Path
+) -> None:
     rc_file = tmp_path / "rc"
-    closed = f"http://127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "appliance", "dashboard", "--etc-dir", str(tmp_path / "etc")]
-    argv += [
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--vllm",
-        vllm_server.base_url,
-        "--gateway",
-        closed,
-        "--refresh",
-        "0.5",
-    ]
+    argv += ["--state-dir", str(tmp_path / "state"), "--vllm", vllm_server.base_url, "--refresh", "0.5"]
+    argv += ["--gateway", gateway_server.base_url]
+    if gateway_server.ca_path is not None:
+        argv += ["--ca-cert", str(gateway_server.ca_path)]
     # env -u: pytest exports COLUMNS/LINES, which Textual would prefer over the pane's real size.
     tmux.start(f"env -u COLUMNS -u LINES {shlex.join(argv)}; echo $? > {shlex.quote(str(rc_file))}")
 
     port = vllm_server.base_url.rsplit(":", 1)[1]
     pane = wait_for(tmux, rf":{port}\s+up\s+KV .* \d+ %\s+running \d+\s+waiting \d+", timeout=60)
     assert "No NVIDIA GPU" in pane and "vLLM resident" in pane, "the real vLLM processes are found with psutil"
-    assert re.search(r"Gateway\s+DOWN", pane) and "connection refused" in pane
+    pane = wait_for(tmux, r"Gateway\s+ready", timeout=30)
+    assert f"upstream {vllm_server.base_url}: ok" in pane, "the gateway's /readyz upstreams are shown"
     assert "systemctl" in pane or "✔" in pane, "the units panel shows either the units or why systemctl failed"
 
     with ThreadPoolExecutor(4) as pool:  # real requests: the running gauge must move

@@ -50,6 +50,8 @@ def test_classify_vllm_stream_shapes() -> None:
         "type": "InternalServerError",
         "code": 500,
     }
+    empty = b'{"choices":[{"index":0,"delta":{"content":""},"finish_reason":null}]}'
+    assert classify(empty).kind == "content" and classify(empty).content == ""
     assert classify(b"[DONE]").kind == "done"
     assert classify(b"not json").kind == "error"
 

@@ -1,0 +1,331 @@
+"""Relaying one request to a vLLM upstream and its answer back, bytes untouched, from callback to callback.
+
+:class:`UpstreamConnection` is an asyncio protocol with httptools' C response parser; :class:`Relay` receives its
+callbacks and writes to the workstation's connection directly: each piece of the upstream body becomes one HTTP
+chunk to the workstation the moment it arrives (no buffering, no event re-serialisation, no task switch). The
+gateway only peeks at the bytes for the audit log's token counts (a substring test) and for ``[DONE]`` at the end.
+Back-pressure: when the workstation's socket is full, reading from the upstream pauses.
+
+Failures:
+
+* connection refused before anything was sent → :class:`UpstreamUnavailableError` (the caller tries another
+  replica, then answers 503);
+* the upstream stops in the middle of a stream → an SSE error event and ``[DONE]`` (the 200 is already sent);
+* the workstation disconnects → the upstream connection is closed, which makes vLLM abort the generation;
+* no answer within ``first_byte_timeout`` → the upstream connection is closed and the caller answers 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+from appliance.gateway.http11 import ClientConnection, response_head
+from appliance.wire import DONE_EVENT, sse_error_event
+
+__all__ = [
+    "ConnectionPool",
+    "Relay",
+    "RelayResult",
+    "UpstreamConnection",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
+]
+
+_PROMPT_RE = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION_RE = re.compile(rb'"completion_tokens":\s*(\d+)')
+_STREAM_FAILED = sse_error_event(
+    "The model server stopped in the middle of this answer; the answer is incomplete. Retry the request; if it "
+    "keeps happening, check the appliance dashboard.",
+    code="upstream_stream_failed",
+)
+
+
+class UpstreamUnavailableError(Exception):
+    """The upstream could not be reached, or dropped the connection before answering."""
+
+
+class UpstreamTimeoutError(Exception):
+    """The upstream sent nothing within the first-byte timeout."""
+
+
+@dataclass
+class RelayResult:
+    """What happened, for the audit log and the pool."""
+
+    status: int = 0
+    ttfb: float | None = None  # perf_counter when the first body byte went to the workstation
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    complete: bool = False  # a full answer was relayed (the upstream can generate)
+    failure: str | None = None  # why a started stream ended badly
+    headers_sent: bool = False
+    client_gone: bool = False
+
+
+def _tokens(result: RelayResult, data: bytes) -> None:
+    m = _PROMPT_RE.search(data)
+    if m:
+        result.prompt_tokens = int(m.group(1))
+    m = _COMPLETION_RE.search(data)
+    if m:
+        result.completion_tokens = int(m.group(1))
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a vLLM server."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        # httptools calls on_body for every HTTP chunk; pointing it at a list's append keeps that call in C.
+        self.bodies: list[bytes] = []
+        self.on_body = self.bodies.append
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: Relay | None = None
+        self.closed = False
+        self.reusable = False
+        self.idle_since = 0.0
+        self.got_response = False
+        self._ctype = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
+
+    def send(self, head: bytes, body: list[bytes | memoryview], sink: Relay) -> None:
+        """Write one request; the answer goes to ``sink``."""
+        assert self.transport is not None
+        self.sink = sink
+        self.bodies.clear()
+        self.reusable = False
+        self.got_response = False
+        self._ctype = b""
+        self.transport.writelines([head, *body])
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.close()
+        if self.sink is not None:
+            self.sink.flush()  # one write to the workstation per read from vLLM, however many events it held
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_lost(self.got_response)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self._ctype = value
+
+    def on_headers_complete(self) -> None:
+        self.got_response = True
+        if self.sink is not None:
+            self.sink.on_headers(self.parser.get_status_code(), self._ctype)
+
+    def on_message_complete(self) -> None:
+        self.reusable = bool(self.parser.should_keep_alive())
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_complete()
+
+    def close(self) -> None:
+        """Drop the connection (vLLM sees the disconnect and aborts what it was doing for us)."""
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per upstream. vLLM (uvicorn) closes idle ones after 5 s; we reuse younger ones."""
+
+    def __init__(self, connect_timeout: float, keepalive: float = 4.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+
+    async def acquire(self, url: str) -> tuple[UpstreamConnection, bool]:
+        """(connection, reused). Raises :class:`UpstreamUnavailableError` when it cannot connect."""
+        idle = self._idle.get(url)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self.keepalive:
+                return conn, True
+            conn.close()
+        parts = urlsplit(url)
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(url),
+                    parts.hostname or "127.0.0.1",
+                    parts.port or (443 if parts.scheme == "https" else 80),
+                    ssl=parts.scheme == "https" or None,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            raise UpstreamUnavailableError(f"cannot connect: {type(err).__name__}: {err}"[:200]) from err
+        return proto, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep a connection whose answer completed; close any other."""
+        if conn.reusable and not conn.closed and conn.sink is None:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.key, []).append(conn)
+        else:
+            conn.close()
+
+    def close_all(self) -> None:
+        """Close every idle connection."""
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+
+class Relay:
+    """Receives one upstream answer and writes it to the workstation; ``done`` resolves when it is over."""
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        upstream: UpstreamConnection,
+        result: RelayResult,
+        *,
+        extra_headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        first_byte_timeout: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.client = client
+        self.upstream = upstream
+        self.result = result
+        self.extra_headers = extra_headers
+        self.keep_alive = keep_alive
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._streaming = False
+        self._head = b""
+        self._write = client.write
+        self._ctype = b""
+        self._tail = b""
+        self._timer: asyncio.TimerHandle | None = loop.call_later(first_byte_timeout, self._timeout)
+
+    # --- upstream side ----------------------------------------------------------------------------------------------
+
+    def on_headers(self, status: int, ctype: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.result.status = status
+        self._ctype = ctype
+        if status == 200 and ctype.startswith(b"text/event-stream"):
+            self._streaming = True
+            transport = self.client.transport
+            if transport is not None and not self.client.closed:
+                self._write = transport.write
+            headers = [(b"content-type", ctype), *self.extra_headers, (b"transfer-encoding", b"chunked")]
+            # Written by flush() at the end of this read, together with the first event when it came along.
+            self._head = response_head(200, headers, close=not self.keep_alive)
+            self.result.headers_sent = True
+            if self.client.paused:
+                self.pause()
+
+    def flush(self) -> None:
+        """Send what the last read from vLLM brought (``upstream.bodies``) as one HTTP chunk."""
+        bodies = self.upstream.bodies
+        if not self._streaming:
+            return
+        if not bodies:
+            if self._head:
+                self._write(self._head)
+                self._head = b""
+            return
+        data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
+        bodies.clear()
+        if self.result.ttfb is None:
+            self.result.ttfb = time.perf_counter()
+        self._write(b"%b%x\r\n%b\r\n" % (self._head, len(data), data))
+        self._head = b""
+        if b'"prompt_tokens"' in data:
+            _tokens(self.result, data)
+        self._tail = data[-64:]
+
+    def on_complete(self) -> None:
+        if self._streaming:
+            self.flush()
+            tail = self._tail.rstrip()
+            if tail.endswith(DONE_EVENT.rstrip()):
+                self.result.complete = True
+                self.client.write(b"0\r\n\r\n")
+            else:
+                self._end_stream_with_error("upstream ended the stream without [DONE]")
+        else:
+            body = b"".join(self.upstream.bodies)
+            self.upstream.bodies.clear()
+            self.result.ttfb = time.perf_counter()
+            if self.result.status == 200:
+                _tokens(self.result, body[-1024:])
+                self.result.complete = True
+            headers = [(b"content-type", self._ctype or b"application/json"), *self.extra_headers,
+                       (b"content-length", b"%d" % len(body))]  # fmt: skip
+            self.client.write(response_head(self.result.status, headers, close=not self.keep_alive) + body)
+            self.result.headers_sent = True
+        self._finish()
+
+    def on_lost(self, got_response: bool) -> None:
+        if self.done.done():
+            return
+        if self._streaming:
+            self.flush()
+            self._end_stream_with_error("upstream stopped mid-stream (connection lost)")
+            self._finish()
+        elif not got_response:
+            self._finish(UpstreamUnavailableError("the connection closed before an answer"))
+        else:
+            self._finish(UpstreamUnavailableError("the connection closed in the middle of the answer"))
+
+    def _end_stream_with_error(self, why: str) -> None:
+        self.result.failure = why
+        self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED))
+
+    def _timeout(self) -> None:
+        self._timer = None
+        self.upstream.sink = None
+        self.upstream.close()
+        self._finish(UpstreamTimeoutError())
+
+    def _finish(self, exc: Exception | None = None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.done.done():
+            return
+        if exc is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(exc)
+
+    # --- client side (FlowTarget) -----------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        if self.upstream.transport is not None and not self.upstream.closed:
+            self.upstream.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.upstream.transport is not None and not self.upstream.closed:
+            self.upstream.transport.resume_reading()
+
+    def client_gone(self) -> None:
+        self.result.client_gone = True
+        self.upstream.sink = None
+        self.upstream.close()  # vLLM sees the disconnect and aborts the generation
+        self._finish()

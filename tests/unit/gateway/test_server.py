@@ -1,0 +1,228 @@
+"""The gateway's HTTP server and relay in-process, against a scripted SSE upstream (fast; vLLM itself is in the
+integration tier): byte-exact relay, upstream death mid-stream, client disconnect, routes, retries over replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from appliance.gateway.config import GatewayConfig
+from appliance.gateway.server import serve
+from appliance.keys import add_key
+from appliance.wire import SSEParser, classify
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.asyncio
+
+EVENTS = [
+    b'{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+    *[b'{"choices":[{"index":0,"delta":{"content":"t%d "}}]}' % i for i in range(20)],
+    b'{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":20,"total_tokens":27}}',
+]
+
+
+@dataclass
+class Script:
+    """What the fake upstream saw."""
+
+    requests: list[dict[str, object]] = field(default_factory=list)
+    aborted: int = 0
+
+
+async def _upstream(script: Script, port: int) -> web.AppRunner:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        script.requests.append(body)
+        if body.get("model") == "unknown":
+            return web.json_response({"error": {"message": "model not found", "code": 404}}, status=404)
+        if body.get("model") == "slow":
+            await asyncio.sleep(5)
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 3,
+                                      "completion_tokens": 1}})  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        die = "die" in json.dumps(body)
+        try:
+            for i, event in enumerate(EVENTS):
+                await resp.write(b"data: " + event + b"\n\n")
+                if die and i == 3:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                await asyncio.sleep(0.01)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            script.aborted += 1
+            raise
+        return resp
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/invocations", chat)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@dataclass
+class Env:
+    url: str
+    key: str
+    script: Script
+    audit: Path
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    script = Script()
+    up_port, dead_port, gw_port = free_port(), free_port(), free_port()
+    runner = await _upstream(script, up_port)
+    keys = tmp_path / "keys.json"
+    key = add_key(keys, "ws")
+    cfg = GatewayConfig(
+        upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
+        listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
+        first_byte_timeout_s=0.5,
+    )  # fmt: skip
+    started = asyncio.Event()
+    task = asyncio.create_task(serve(cfg, started))
+    await asyncio.wait_for(started.wait(), 10)
+    try:
+        yield Env(f"http://127.0.0.1:{gw_port}", key, script, tmp_path / "audit.jsonl")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()
+
+
+def _body(**kw: object) -> dict[str, object]:
+    return {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True, **kw}
+
+
+async def _events(resp: aiohttp.ClientResponse) -> list[bytes]:
+    parser = SSEParser()
+    out: list[bytes] = []
+    async for chunk in resp.content.iter_any():
+        out += parser.feed(chunk)
+    return out
+
+
+async def test_stream_is_relayed_byte_for_byte(env: Env) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(env.url + "/v1/chat/completions", json=_body(n=3, max_tokens=10**6),
+                  headers={"Authorization": f"Bearer {env.key}"}) as resp,
+    ):  # fmt: skip
+        assert resp.status == 200 and resp.headers["content-type"] == "text/event-stream"
+        assert len(resp.headers["x-request-id"]) == 16
+        events = await _events(resp)
+    assert events == [*EVENTS, b"[DONE]"]
+    forwarded = env.script.requests[-1]
+    assert forwarded["n"] == 1 and forwarded["max_tokens"] == 2048
+    await asyncio.sleep(0.05)
+    rec = json.loads(env.audit.read_text().splitlines()[-1])
+    assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"], rec["key"]) == (200, 7, 20, "ws")
+
+
+async def test_non_streaming_and_models(env: Env) -> None:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {env.key}"}) as http:
+        async with http.post(env.url + "/v1/chat/completions", json=_body(stream=False)) as resp:
+            assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "ok"
+        async with http.get(env.url + "/v1/models") as resp:
+            assert (await resp.json())["data"][0]["id"] == "fake"
+
+
+async def test_upstream_dies_mid_stream(env: Env) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(env.url + "/v1/chat/completions", json=_body(die=True),
+                  headers={"Authorization": f"Bearer {env.key}"}) as resp,
+    ):  # fmt: skip
+        events = await _events(resp)
+    assert events[:4] == EVENTS[:4]
+    kinds = [classify(e).kind for e in events[4:]]
+    assert kinds == ["error", "done"]
+    error = classify(events[4]).error
+    assert error is not None and error["code"] == "upstream_stream_failed"
+
+
+async def test_client_disconnect_closes_the_upstream_request(env: Env) -> None:
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            env.url + "/v1/chat/completions", json=_body(), headers={"Authorization": f"Bearer {env.key}"}
+        )
+        await resp.content.readany()
+        resp.close()  # drop the connection mid-stream
+    for _ in range(100):
+        if env.script.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert env.script.aborted == 1
+
+
+async def test_routes_and_auth(env: Env) -> None:
+    async with aiohttp.ClientSession() as http:
+        for method, path in [("POST", "/invocations"), ("GET", "/tokenize"), ("POST", "/pause"), ("GET", "/")]:
+            async with http.request(method, env.url + path, headers={"Authorization": f"Bearer {env.key}"}) as r:
+                assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with http.get(env.url + "/v1/chat/completions") as r:
+            assert r.status == 405
+        async with http.head(env.url + "/healthz") as r:
+            assert r.status == 200 and await r.read() == b""
+        async with http.post(env.url + "/v1/chat/completions", json=_body()) as r:
+            assert r.status == 401 and r.headers["www-authenticate"] == "Bearer"
+        async with http.get(env.url + "/readyz") as r:
+            doc = await r.json()
+            assert [u["healthy"] for u in doc["upstreams"]] == [False, True]
+            assert doc["ready"] is True and doc["upstreams"][0]["reason"]
+        async with http.get(env.url + "/metrics") as r:
+            assert "clinic_edge_gateway_upstream_healthy" in await r.text()
+    assert not [r for r in env.script.requests if "invocations" in json.dumps(r)]
+
+
+async def test_idle_and_slow_connections_are_closed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.gateway import http11
+
+    monkeypatch.setattr(http11, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.3)
+    host, port = env.url.removeprefix("http://").split(":")
+    idle_r, idle_w = await asyncio.open_connection(host, int(port))
+    slow_r, slow_w = await asyncio.open_connection(host, int(port))
+    slow_w.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")  # never finishes
+    assert await asyncio.wait_for(idle_r.read(), 5) == b""  # closed by the gateway
+    assert await asyncio.wait_for(slow_r.read(), 5) == b""
+    idle_w.close()
+    slow_w.close()
+
+
+async def test_upstream_errors_are_relayed_and_silence_times_out(env: Env) -> None:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {env.key}"}) as http:
+        async with http.post(env.url + "/v1/chat/completions", json=_body(model="unknown")) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["message"] == "model not found"
+        async with http.post(env.url + "/v1/chat/completions", json=_body(model="slow")) as resp:
+            assert resp.status == 504 and resp.headers["retry-after"] == "5"
+            assert (await resp.json())["error"]["code"] == "upstream_timeout"
+    await asyncio.sleep(0.05)
+    reasons = [json.loads(line)["reason"] for line in env.audit.read_text().splitlines()]
+    assert reasons[-2:] == ["upstream_rejected", "upstream_timeout"]
