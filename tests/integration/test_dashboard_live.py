@@ -9,8 +9,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,26 +64,32 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
         t.kill()
 
 
-def wait_for(tmux: Tmux, pattern: str, timeout: float) -> str:
-    """Poll the pane until ``pattern`` matches (bounded); return the pane."""
+def wait_for(tmux: Tmux, pattern: str, timeout: float, check: Callable[[], None] = lambda: None) -> str:
+    """Poll the pane until ``pattern`` matches (bounded); return the pane. ``check`` may raise to stop early."""
     deadline = time.monotonic() + timeout
     pane = ""
     while time.monotonic() < deadline:
         pane = tmux.capture()
         if re.search(pattern, pane):
             return pane
+        check()
         time.sleep(0.25)
     raise AssertionError(f"{pattern!r} did not appear within {timeout:.0f} s; the screen was:\n{pane}")
 
 
-def load(vllm: RunningVllm, requests: int = 4, tokens: int = 700) -> None:
+def keep_busy(vllm: RunningVllm, stop: threading.Event, tokens: int = 900, most: int = 10) -> int:
+    """Send long generations one after the other until ``stop`` (at most ``most``); return how many completed."""
     client = openai.OpenAI(base_url=vllm.base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
-    client.chat.completions.create(
-        model=vllm.model,
-        messages=[{"role": "user", "content": "Describe the radiograph."}],
-        max_tokens=tokens,
-        extra_body={"ignore_eos": True},
-    )
+    done = 0
+    while not stop.is_set() and done < most:
+        client.chat.completions.create(
+            model=vllm.model,
+            messages=[{"role": "user", "content": "Describe the radiograph."}],
+            max_tokens=tokens,
+            extra_body={"ignore_eos": True},  # vLLM's option: generate all the tokens, keep the request running
+        )
+        done += 1
+    return done
 
 
 def test_dashboard_shows_live_vllm_numbers_in_tmux(
@@ -99,16 +106,26 @@ def test_dashboard_shows_live_vllm_numbers_in_tmux(
 
     port = vllm_server.base_url.rsplit(":", 1)[1]
     pane = wait_for(tmux, rf":{port}\s+up\s+KV .* \d+ %\s+running \d+\s+waiting \d+", timeout=60)
-    assert "No NVIDIA GPU" in pane and "vLLM resident" in pane, "the real vLLM processes are found with psutil"
+    pane = wait_for(tmux, r"vLLM resident \d", timeout=30)  # the real vLLM processes, found with psutil
+    assert "No NVIDIA GPU" in pane
     pane = wait_for(tmux, r"Gateway\s+ready", timeout=30)
     assert f"upstream {vllm_server.base_url}: ok" in pane, "the gateway's /readyz upstreams are shown"
     assert "systemctl" in pane or "✔" in pane, "the units panel shows either the units or why systemctl failed"
 
+    stop = threading.Event()
     with ThreadPoolExecutor(4) as pool:  # real requests: the running gauge must move
-        futures = [pool.submit(load, vllm_server) for _ in range(4)]
-        busy = wait_for(tmux, rf":{port}\s+up\s+KV .* running [1-9]", timeout=90)
-        for f in futures:
-            f.result(timeout=180)
+        futures = [pool.submit(keep_busy, vllm_server, stop) for _ in range(4)]
+
+        def no_failed_request() -> None:
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    raise AssertionError(f"a request to vLLM failed: {f.exception()!r}")
+
+        try:
+            busy = wait_for(tmux, rf":{port}\s+up\s+KV .* running [1-9]", timeout=90, check=no_failed_request)
+        finally:
+            stop.set()
+        assert all(f.result(timeout=180) >= 1 for f in futures)
     assert re.search(r"KV \S+ \d+ %", busy)
 
     tmux.keys("q")
