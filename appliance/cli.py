@@ -38,6 +38,9 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.demo_model",
     "appliance.commands.vllm_cpu",
+    "appliance.commands.preflight",
+    "appliance.commands.model",
+    "appliance.commands.bundle",
     "appliance.commands.plan",
     "appliance.commands.tls",
     "appliance.commands.keys",

@@ -55,7 +55,8 @@ def _text(doc: dict[str, Any], *keys: str) -> str | None:
 
 
 class ConfigSource:
-    """Reads ``ETC/appliance.yml`` and ``ETC/vllm/plan.json``; either may be missing (then says so)."""
+    """Reads ``ETC/appliance.yml`` (install.sh's answers: ``appliance_model_name``, ``appliance_port``...) and
+    ``ETC/vllm/plan.json``; either may be missing (then says so)."""
 
     name = "config"
 
@@ -79,7 +80,7 @@ class ConfigSource:
         if plan is None:
             problems.append(f"{self.etc_dir / 'vllm' / 'plan.json'} missing or not JSON")
             plan = {}
-        port = _text(answers, "port", "gateway_port") or str(DEFAULT_GATEWAY_PORT)
+        port = _text(answers, "appliance_port", "port", "gateway_port") or str(DEFAULT_GATEWAY_PORT)
         endpoint = _text(answers, "endpoint", "endpoint_url")
         if endpoint is None and answers:
             endpoint = f"https://{self.hostname}:{port}/v1"
@@ -89,7 +90,8 @@ class ConfigSource:
         return ConfigPart(
             hostname=self.hostname,
             endpoint=endpoint,
-            model=_text(answers, "served_model_name", "model_name") or _text(plan, "served_model_name", "model"),
+            model=_text(answers, "appliance_model_name", "served_model_name", "model_name")
+            or _text(plan, "served_model_name", "model"),
             plan_verdict=_text(plan, "verdict"),
             replicas=_int(topology.get("replicas")),
             tp=_int(topology.get("tp")),
