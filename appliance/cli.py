@@ -45,6 +45,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.tls",
     "appliance.commands.keys",
     "appliance.commands.gateway",
+    "appliance.commands.selftest",
     "appliance.commands.status",
     "appliance.commands.dashboard",
 )
