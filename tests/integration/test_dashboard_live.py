@@ -1,5 +1,6 @@
 """``clinic-edge dashboard`` in a real terminal (tmux) against a real vLLM (CPU build) and the real gateway (TLS with
-the clinic CA): live numbers must appear, the gateway must read ready, and q must quit.
+the clinic CA): live numbers must appear, the gateway must read ready, the t key must run the real quick self-test
+and show its result, and q must quit.
 """
 
 from __future__ import annotations
@@ -127,6 +128,14 @@ def test_dashboard_shows_live_vllm_numbers_in_tmux(
             stop.set()
         assert all(f.result(timeout=180) >= 1 for f in futures)
     assert re.search(r"KV \S+ \d+ %", busy)
+
+    # t: the real quick self-test (clinic-edge selftest) against this vLLM; progress first, then the result.
+    tmux.keys("t")
+    wait_for(tmux, r"▶ quick self-test", timeout=30)
+    done = wait_for(tmux, r"(PASSED|FAILED)\s+quick", timeout=400)
+    assert "No self-test yet" not in done and re.search(r"TTFT p50 \d+ ms\s+p99 \d+ ms", done)
+    results = list((tmp_path / "state" / "selftest").glob("*.json"))
+    assert any(p.name == "latest.json" for p in results) and len(results) >= 2
 
     tmux.keys("q")
     deadline = time.monotonic() + 20
