@@ -46,6 +46,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.keys",
     "appliance.commands.gateway",
     "appliance.commands.selftest",
+    "appliance.commands.status",
+    "appliance.commands.dashboard",
 )
 
 

@@ -1,0 +1,1 @@
+"""Telemetry for the dashboard and ``clinic-edge status``: sources, the parts they read, and the health verdict."""
