@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from appliance.cli import EXIT_NEGATIVE, EXIT_OK, Outcome
-from appliance.errors import InputError, UsageError
+from appliance.errors import InputError, UnreachableError, UsageError
 from appliance.selftest.client import Target, TargetInfo, make_session, probe_target, stream_chat
 from appliance.selftest.history import (
     DEFAULT_KEEP,
@@ -41,7 +41,7 @@ from appliance.selftest.runner import (
     run_points,
     warm_up,
 )
-from appliance.selftest.verdict import PROFILES, judge, slo_for
+from appliance.selftest.verdict import PROFILES, Verdict, judge, slo_for
 from appliance.selftest.workloads import PromptMaker, RemoteTokenizer, load_tokenizer, model_takes_images
 from appliance.wire import chat_request
 
@@ -283,19 +283,39 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], state_dir: Path) -> Outc
     plan_doc = read_plan(etc / "vllm" / "plan.json")
     snapshot: dict[str, Any] = {"vllm_flags": read_vllm_flags(etc / "vllm")}
     started = utc_now()
-    outcome = asyncio.run(
-        _measure(
-            args,
-            cfg,
-            mode=mode,
-            target=target,
-            direct=direct,
-            slo=slo,
-            progress=progress,
-            plan_doc=plan_doc,
-            snapshot=snapshot,
+    try:
+        outcome = asyncio.run(
+            _measure(
+                args,
+                cfg,
+                mode=mode,
+                target=target,
+                direct=direct,
+                slo=slo,
+                progress=progress,
+                plan_doc=plan_doc,
+                snapshot=snapshot,
+            )
         )
-    )
+    except UnreachableError as err:
+        # A nightly run that finds the box down must leave a trace the dashboard shows: record a failed run.
+        doc = build_result(
+            run_id=started.strftime("%Y%m%dT%H%M%SZ"),
+            started_at=started,
+            finished_at=utc_now(),
+            mode=mode,
+            target=target.base,
+            target_kind="unreachable",
+            model=str(_opt(args, cfg, "model") or ""),
+            points=[],
+            verdict=Verdict(passed=False, reason=f"the target did not answer: {err.message}", slo=slo),
+            gateway_share=None,
+            plan=plan_doc,
+            hardware=hardware,
+            snapshot=snapshot | {"error": err.to_dict()},
+        )
+        err.details["result_file"] = str(save_run(state_dir, doc, keep))
+        raise
     info, model, points, share, prompts_exact = outcome
     finished = utc_now()
     verdict = judge(points, slo)

@@ -76,7 +76,11 @@ def test_target_down_exits_2_with_what_to_check(tmp_path: Path, capsys: pytest.C
     code, doc, _ = _run(capsys, "--quick", "--target", url, "--state-dir", str(tmp_path), "--json")
     assert code == 2
     assert doc["error"]["kind"] == "unreachable" and "systemctl status" in doc["error"]["remedy"]
-    assert not list(tmp_path.glob("*.json"))  # nothing measured, nothing saved
+    # Nothing measured, but the failed run is recorded so the dashboard and history show the box was down.
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    assert saved["verdict"]["passed"] is False and "did not answer" in saved["verdict"]["reason"]
+    assert saved["points"] == [] and saved["summary"]["completed"] == 0
+    assert doc["error"]["details"]["result_file"].endswith(".json")
 
 
 def test_target_not_ready_exits_2(
