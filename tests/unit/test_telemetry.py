@@ -23,7 +23,7 @@ from appliance.telemetry.selftest_files import SelftestSource
 from appliance.telemetry.sources import collect
 from appliance.telemetry.systemd import CommandResult, SystemdSource, clinic_edge_units, parse_show
 from appliance.telemetry.vllm import VllmSource, parse_prometheus
-from tests.conftest import free_port
+from tests.conftest import free_port, require
 from tests.dashboard_support import FIXTURES, scenario_sources
 
 METRICS = """\
@@ -123,11 +123,9 @@ def test_missing_unit_is_not_found() -> None:
 
 
 def test_real_systemctl_here_reports_its_reason() -> None:
-    if shutil.which("systemctl") is None:
-        pytest.skip("no systemctl on this machine")
+    require(shutil.which("systemctl") is not None, "no systemctl on this machine")
     part = SystemdSource(clinic_edge_units(1)).read()
-    if part.error is None:
-        pytest.skip("systemd runs here; the not-PID-1 path cannot be observed")
+    require(part.error is not None, "systemd runs here; the not-PID-1 path cannot be observed")
     assert part.error.startswith("systemctl: ") and len(part.error) > len("systemctl: ")
     journal = SystemdSource(clinic_edge_units(1)).journal("clinic-edge-gateway.service")
     assert journal.error is not None or journal.lines == []

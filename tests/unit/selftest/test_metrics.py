@@ -16,6 +16,7 @@ from appliance.selftest.metrics import (
     percentile,
     summarize,
 )
+from tests.conftest import require
 
 T0 = 100.0
 USAGE = {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43}
@@ -148,8 +149,7 @@ def test_all_failed_gives_no_figures_not_zeros() -> None:
 
 
 def test_percentiles_match_numpy_linear() -> None:
-    if importlib.util.find_spec("numpy") is None:
-        pytest.skip("numpy not installed")  # it comes with the cpu extra; the hand-checked cases below still run
+    require(importlib.util.find_spec("numpy") is not None, "numpy not installed (it comes with the cpu extra)")
     import numpy as np
 
     rng = random.Random(7)
