@@ -12,19 +12,18 @@ revoke`` takes effect on the very next request without a restart.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.atomic import atomic_write_text
 from appliance.errors import InputError, UsageError
 
 __all__ = ["KEY_PREFIX", "KeyRecord", "KeyStore", "add_key", "hash_key", "list_keys", "load_keys", "revoke_key"]
@@ -84,23 +83,8 @@ def _write_keys(path: Path, records: list[KeyRecord]) -> None:
     """Replace the keys file atomically, mode 0600 from the first byte."""
     doc: dict[str, Any] = {"version": FILE_VERSION, "keys": [r.to_dict() for r in records]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        if path.exists():
-            st = path.stat()
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, st.st_uid, st.st_gid)  # keep the gateway user's ownership
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # keep_owner: the gateway user must still own the file after root rewrites it.
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n", mode=0o600, keep_owner=True)
 
 
 def add_key(path: Path, name: str) -> str:

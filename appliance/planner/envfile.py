@@ -14,11 +14,10 @@ new plan no longer has are removed.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from appliance.atomic import atomic_write_text
 from appliance.errors import InputError
 from appliance.planner.plan import Plan
 from appliance.vllm_server import CPU_PROFILE_ARGS, CPU_PROFILE_ENV
@@ -113,17 +112,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
             return False
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, mode=0o644)
     return True
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.atomic import atomic_write_text
 from appliance.errors import InputError
 
 __all__ = [
@@ -52,21 +52,6 @@ def check_writable(state_dir: Path) -> None:
         ) from exc
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_run(state_dir: Path, doc: dict[str, Any], keep: int = DEFAULT_KEEP) -> Path:
     """Write the run's file and ``latest.json``; prune to the newest ``keep`` runs. Returns the run's path.
 
@@ -82,8 +67,8 @@ def save_run(state_dir: Path, doc: dict[str, Any], keep: int = DEFAULT_KEEP) -> 
     if n:
         doc["id"] = path.stem
     text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(path, text)
-    _atomic_write(state_dir / LATEST, text)
+    atomic_write_text(path, text)
+    atomic_write_text(state_dir / LATEST, text)
     prune(state_dir, keep)
     return path
 
