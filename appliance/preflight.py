@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Check", "GpuFacts", "Report", "main", "resolve_profile", "run_checks"]
+__all__ = ["Check", "GpuFacts", "Report", "add_arguments", "check_lines", "main", "resolve_profile", "run_checks"]
 
 GIB = 1024**3
 PROFILES = ("auto", "dgx-spark", "h100", "h200", "cpu")
@@ -318,14 +318,25 @@ def run_checks(
     return Report(profile=profile, checks=checks)
 
 
-def _print_text(report: Report) -> None:
+def check_lines(report: Report) -> list[str]:
+    """One line per check, with the remedy after an arrow for warnings and failures."""
+    lines = []
     for c in report.checks:
         mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[c.status]
         line = f"{mark} {c.name}: {c.detail}"
         if c.remedy and c.status != "ok":
             line += f" → {c.remedy}"
-        print(line)
-    print(f"resolved_profile={report.profile}")
+        lines.append(line)
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags both entries take: this file run on its own, and ``clinic-edge preflight``."""
+    parser.add_argument("--profile", default="auto", choices=PROFILES)
+    parser.add_argument("--model", type=Path, required=True, help="model directory (config.json inside)")
+    parser.add_argument("--model-name", help="its name in the model store (default: the directory's name)")
+    parser.add_argument("--port", type=int, default=8443, help="the gateway's port (default 8443)")
+    parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/clinic-edge"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Check this box before installing (reads only). Example: "
         "clinic-edge preflight --profile auto --model /srv/models/qwen --port 8443",
     )
-    parser.add_argument("--profile", default="auto", choices=PROFILES)
-    parser.add_argument("--model", type=Path, required=True, help="model directory (config.json inside)")
-    parser.add_argument("--model-name", help="name under the model store (default: the directory's name)")
-    parser.add_argument("--port", type=int, default=8443, help="the gateway's port")
-    parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/clinic-edge"))
+    add_arguments(parser)
     parser.add_argument("--prefix", type=Path, default=Path("/opt/clinic-edge"))
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_text(report)
+        print("\n".join([*check_lines(report), f"resolved_profile={report.profile}"]))
     return 0 if report.passed else 1
 
 
