@@ -325,7 +325,12 @@ class Relay:
             self.upstream.transport.resume_reading()
 
     def client_gone(self) -> None:
-        self.result.client_gone = True
+        if self._streaming and self._tail.rstrip().endswith(DONE_EVENT.rstrip()):
+            # The workstation read the whole answer up to [DONE] and hung up before vLLM's closing empty chunk came
+            # (the openai SDK closes the response at [DONE]): the answer was delivered, nothing was cut short.
+            self.result.complete = True
+        else:
+            self.result.client_gone = True
         self.upstream.sink = None
         self.upstream.close()  # vLLM sees the disconnect and aborts the generation
         self._finish()

@@ -93,11 +93,15 @@ def test_requests_are_spread_over_both_replicas(pair_gateway: RunningGateway, re
         )  # fmt: skip
         return sum(1 for _ in stream)
 
+    deadline = time.monotonic() + 60  # readyz turns ready with one replica; balancing needs both admitted
+    while not all(u["healthy"] for u in _readyz(pair_gateway)["upstreams"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     audited = len(pair_gateway.audit_records())
     with ThreadPoolExecutor(4) as pool:
         assert all(n > 0 for n in pool.map(ask, range(4)))
-    used = [r["upstream"] for r in pair_gateway.wait_audit(audited + 4) if r["route"] == "chat" and r["status"] == 200]
-    assert set(used[-4:]) == {s.launch.base_url for s in replicas}
+    records = pair_gateway.wait_audit(audited + 4)[audited:]
+    assert [(r["route"], r["status"]) for r in records] == [("chat", 200)] * 4
+    assert {r["upstream"] for r in records} == {s.launch.base_url for s in replicas}
 
 
 def test_vllm_killed_mid_stream(replicas: list[VllmServer], tmp_path_factory: pytest.TempPathFactory) -> None:

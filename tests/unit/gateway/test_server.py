@@ -61,6 +61,8 @@ async def _upstream(script: Script, port: int) -> web.AppRunner:
                     return resp
                 await asyncio.sleep(0.01)
             await resp.write(b"data: [DONE]\n\n")
+            if "linger" in json.dumps(body):
+                await asyncio.sleep(1)  # the closing empty chunk comes late; the client has hung up by then
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             script.aborted += 1
@@ -179,6 +181,25 @@ async def test_client_disconnect_closes_the_upstream_request(env: Env) -> None:
             break
         await asyncio.sleep(0.02)
     assert env.script.aborted == 1
+
+
+async def test_client_that_hangs_up_after_done_got_a_complete_answer(env: Env) -> None:
+    # The openai SDK closes the response as soon as it reads [DONE], often before vLLM's closing empty chunk arrives.
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            env.url + "/v1/chat/completions", json=_body(linger=True), headers={"Authorization": f"Bearer {env.key}"}
+        )
+        parser = SSEParser()
+        events: list[bytes] = []
+        while b"[DONE]" not in events:
+            events += parser.feed(await resp.content.readany())
+        resp.close()
+    for _ in range(100):
+        if env.audit.exists() and env.audit.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    rec = json.loads(env.audit.read_text().splitlines()[-1])
+    assert (rec["status"], rec.get("reason")) == (200, None)
 
 
 async def test_routes_and_auth(env: Env) -> None:
