@@ -26,6 +26,7 @@ _HELP = {
     "max_queue": "requests that may wait for a slot",
     "connect_timeout_s": "seconds to connect to vLLM",
     "first_byte_timeout_s": "longest silence from vLLM (long prefills!) before 504",
+    "stall_timeout_s": "longest silence from vLLM in the middle of a stream before it is ended with an error event",
     "health_interval_s": "seconds between upstream health checks",
     "probe_interval_s": "send a 1-token probe when no generation succeeded for this long",
     "ready_window_s": "a generation older than this no longer proves readiness",

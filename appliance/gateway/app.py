@@ -87,6 +87,8 @@ class Gateway:
         }
         self.audit: AuditLog | None = None
         self.session: aiohttp.ClientSession | None = None
+        self.relays: set[Relay] = set()  # streams in flight, for the stall watchdog
+        self._watchdog: asyncio.Task[None] | None = None
         self._retry_after = (b"retry-after", str(cfg.retry_after_s).encode())
         auth = f"authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
         self._upstream_head = {}
@@ -104,15 +106,27 @@ class Gateway:
         )
         self.audit = AuditLog(self.cfg.audit_log)
         self.pool.start(self.session)
+        self._watchdog = asyncio.create_task(self._watch_stalls(), name="clinic-edge-stall-watchdog")
 
     async def shutdown(self) -> None:
         """Stop the health loop, close sessions, connections and the audit log."""
         await self.pool.stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.conns.close_all()
         if self.session is not None:
             await self.session.close()
         if self.audit is not None:
             self.audit.close()
+
+    async def _watch_stalls(self) -> None:
+        """End streams whose vLLM went silent mid-answer (a hung engine), checking a few times per stall timeout."""
+        limit = self.cfg.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(max(limit / 4, 0.05), 5.0))
+            now = time.monotonic()
+            for relay in list(self.relays):
+                relay.check_stall(now, limit)
 
     # --- dispatch -----------------------------------------------------------------------------------------------
 
@@ -278,6 +292,7 @@ class Gateway:
                     break
                 up.inflight += 1
                 upconn: UpstreamConnection | None = None
+                relay: Relay | None = None
                 try:
                     upconn, reused = await self.conns.acquire(up.url)
                     relay = Relay(
@@ -288,6 +303,7 @@ class Gateway:
                         rid.encode(), valid.body_bytes,
                     )  # fmt: skip
                     conn.relay = relay
+                    self.relays.add(relay)
                     upconn.send(head, valid.body, relay)
                     await relay.done
                     break
@@ -298,6 +314,8 @@ class Gateway:
                     # a reused keep-alive connection closed under us: try again (a fresh one next time)
                 finally:
                     conn.relay = None
+                    if relay is not None:
+                        self.relays.discard(relay)
                     up.inflight -= 1
                     if upconn is not None:
                         self.conns.release(upconn)

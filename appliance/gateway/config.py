@@ -45,6 +45,7 @@ class GatewayConfig:
     # Upstream behaviour.
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 600.0  # long prefills with big images: no short total timeout
+    stall_timeout_s: float = 120.0  # a started stream with no byte from vLLM for this long has hung: end it
     health_interval_s: float = 2.0
     probe_interval_s: float = 30.0  # a 1-token generation when no real one succeeded for this long
     ready_window_s: float = 120.0  # a generation older than this no longer proves readiness
@@ -63,8 +64,8 @@ class GatewayConfig:
 
 
 _PATH_KEYS = {"keys_file", "tls_cert", "tls_key", "audit_log"}
-_FLOAT_KEYS = {"queue_timeout_s", "connect_timeout_s", "first_byte_timeout_s", "health_interval_s",
-               "probe_interval_s", "ready_window_s"}  # fmt: skip
+_FLOAT_KEYS = {"queue_timeout_s", "connect_timeout_s", "first_byte_timeout_s", "stall_timeout_s",
+               "health_interval_s", "probe_interval_s", "ready_window_s"}  # fmt: skip
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -156,6 +157,6 @@ def check_config(cfg: GatewayConfig) -> None:
         if p is not None and not p.is_file():
             raise InputError(f"TLS file {p} does not exist.", "Run 'clinic-edge tls ensure --dir DIR --name NAME'.")
     for name in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "max_tokens_cap",
-                 "max_inflight", "max_per_key"):  # fmt: skip
+                 "max_inflight", "max_per_key", "first_byte_timeout_s", "stall_timeout_s"):  # fmt: skip
         if getattr(cfg, name) <= 0:
             raise UsageError(f"Setting {name} must be positive.", "Fix the config file or the flag.")

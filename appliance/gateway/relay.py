@@ -11,6 +11,8 @@ Failures:
 * connection refused before anything was sent → :class:`UpstreamUnavailableError` (the caller tries another
   replica, then answers 503);
 * the upstream stops in the middle of a stream → an SSE error event and ``[DONE]`` (the 200 is already sent);
+* the upstream goes silent in the middle of a stream (a hung engine) → the same, once :meth:`Relay.check_stall` has
+  seen no byte for ``stall_timeout`` (the gateway's watchdog calls it every few seconds; nothing per chunk);
 * the workstation disconnects → the upstream connection is closed, which makes vLLM abort the generation;
 * no answer within ``first_byte_timeout`` → the upstream connection is closed and the caller answers 504.
 """
@@ -218,6 +220,8 @@ class Relay:
         self._ctype = b""
         self._tail = b""
         self._timer: asyncio.TimerHandle | None = loop.call_later(first_byte_timeout, self._timeout)
+        self.reads = 0  # upstream reads relayed; the stall watchdog compares it between its rounds
+        self._watch = (-1, 0.0)  # (reads, monotonic time) when the watchdog last saw a change
 
     # --- upstream side ----------------------------------------------------------------------------------------------
 
@@ -251,6 +255,7 @@ class Relay:
             return
         data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
         bodies.clear()
+        self.reads += 1
         if self.result.ttfb is None:
             self.result.ttfb = time.perf_counter()
         self._write(b"%b%x\r\n%b\r\n" % (self._head, len(data), data))
@@ -292,6 +297,22 @@ class Relay:
             self._finish(UpstreamUnavailableError("the connection closed before an answer"))
         else:
             self._finish(UpstreamUnavailableError("the connection closed in the middle of the answer"))
+
+    def check_stall(self, now: float, limit: float) -> bool:
+        """End a started stream that brought no byte for ``limit`` seconds (the watchdog calls this). True if ended."""
+        if not self._streaming or self.done.done():
+            return False
+        if self.reads != self._watch[0]:
+            self._watch = (self.reads, now)
+            return False
+        if now - self._watch[1] < limit:
+            return False
+        self.upstream.sink = None
+        self.upstream.close()  # vLLM aborts the request if it is still alive
+        self.flush()
+        self._end_stream_with_error(f"no data from upstream for {limit:.0f} s mid-stream (stalled)")
+        self._finish()
+        return True
 
     def _end_stream_with_error(self, why: str) -> None:
         self.result.failure = why

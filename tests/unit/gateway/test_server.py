@@ -52,6 +52,7 @@ async def _upstream(script: Script, port: int) -> web.AppRunner:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         die = "die" in json.dumps(body)
+        hang = "hang" in json.dumps(body)
         try:
             for i, event in enumerate(EVENTS):
                 await resp.write(b"data: " + event + b"\n\n")
@@ -59,6 +60,8 @@ async def _upstream(script: Script, port: int) -> web.AppRunner:
                     assert request.transport is not None
                     request.transport.abort()
                     return resp
+                if hang and i == 3:
+                    await asyncio.sleep(30)  # a hung engine: the connection stays open, nothing more comes
                 await asyncio.sleep(0.01)
             await resp.write(b"data: [DONE]\n\n")
             if "linger" in json.dumps(body):
@@ -104,7 +107,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     cfg = GatewayConfig(
         upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
         listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
-        first_byte_timeout_s=0.5,
+        first_byte_timeout_s=0.5, stall_timeout_s=0.4,
     )  # fmt: skip
     started = asyncio.Event()
     task = asyncio.create_task(serve(cfg, started))
@@ -167,6 +170,25 @@ async def test_upstream_dies_mid_stream(env: Env) -> None:
     assert kinds == ["error", "done"]
     error = classify(events[4]).error
     assert error is not None and error["code"] == "upstream_stream_failed"
+
+
+async def test_a_stream_that_stalls_is_ended_with_an_error_event(env: Env) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(env.url + "/v1/chat/completions", json=_body(hang=True),
+                  headers={"Authorization": f"Bearer {env.key}"}) as resp,
+    ):  # fmt: skip
+        events = await asyncio.wait_for(_events(resp), 10)
+    assert events[:4] == EVENTS[:4]
+    assert [classify(e).kind for e in events[4:]] == ["error", "done"]
+    for _ in range(100):  # the upstream saw the gateway hang up (vLLM would abort the request)
+        if env.script.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert env.script.aborted == 1
+    await asyncio.sleep(0.05)
+    rec = json.loads(env.audit.read_text().splitlines()[-1])
+    assert (rec["status"], rec["reason"]) == (200, "upstream_stream_failed")
 
 
 async def test_client_disconnect_closes_the_upstream_request(env: Env) -> None:
