@@ -84,10 +84,11 @@ class ParsedChunk:
     """One streamed payload, decoded."""
 
     kind: ChunkKind
-    content: str = ""
+    content: str = ""  # the answer's text
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     finish_reason: str | None = None
+    reasoning: str = ""  # a reasoning model's thinking (vLLM's reasoning parser), not part of the answer
 
     @property
     def has_choices(self) -> bool:
@@ -114,12 +115,15 @@ def classify(data: bytes) -> ParsedChunk:
         return ParsedChunk("usage" if usage else "other", usage=usage)
     first = choices[0] if isinstance(choices[0], dict) else {}
     delta = first.get("delta") or {}
-    text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
+    text = delta.get("content") or ""
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
     finish = first.get("finish_reason")
     # vLLM's first chunk carries only the role; later chunks may carry empty text (a token that decodes to
     # nothing yet, e.g. half of a multi-byte character) and still count as content events.
-    kind: ChunkKind = "role" if delta.get("role") and not text and not finish else "content"
-    return ParsedChunk(kind, content=text, usage=usage, finish_reason=finish)
+    kind: ChunkKind = "role" if delta.get("role") and not text and not reasoning and not finish else "content"
+    if not isinstance(text, str) or not isinstance(reasoning, str):
+        text, reasoning = str(text), str(reasoning)
+    return ParsedChunk(kind, content=text, usage=usage, finish_reason=finish, reasoning=reasoning)
 
 
 def error_body(message: str, *, type_: str, code: str, param: str | None = None) -> dict[str, Any]:

@@ -17,7 +17,8 @@ Definitions (vLLM 0.32, ``vllm/benchmarks/lib/endpoint_request_func.py`` and ``s
 * Throughput: completed requests and output tokens divided by the wall time of the whole load point.
 * Goodput: completed requests meeting *every* SLO given (``limit >= value``), per second.
 
-Ours beside those: **TTFC**, time to first *content* (the first event carrying text), reported separately; and a
+Ours beside those: **TTFC**, time to first *content* (the first event carrying answer text; a reasoning model's
+thinking counts for TTFT, as in vLLM's bench, but not for TTFC), reported separately; and a
 stricter notion of failure — a stream that carries an ``error`` event or ends without ``[DONE]`` counts as failed
 (vLLM's bench counts it as a success when a role chunk came first). Failures are counted, never dropped.
 """

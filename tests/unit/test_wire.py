@@ -50,6 +50,11 @@ def test_classify_vllm_stream_shapes() -> None:
         "type": "InternalServerError",
         "code": 500,
     }
+    thinking = b'{"choices":[{"index":0,"delta":{"reasoning_content":"Tooth 36?"},"finish_reason":null}]}'
+    t = classify(thinking)
+    assert (t.kind, t.has_choices, t.content, t.reasoning) == ("content", True, "", "Tooth 36?")
+    newer = classify(b'{"choices":[{"index":0,"delta":{"role":"assistant","reasoning":"Hm"}}]}')
+    assert (newer.kind, newer.content, newer.reasoning) == ("content", "", "Hm")
     empty = b'{"choices":[{"index":0,"delta":{"content":""},"finish_reason":null}]}'
     assert classify(empty).kind == "content" and classify(empty).content == ""
     assert classify(b"[DONE]").kind == "done"

@@ -96,3 +96,21 @@ def test_load_point_opens_its_connections_once_and_reuses_them(upstream: Running
     (point,) = asyncio.run(run_points(Target(upstream.url), plan_single(4, 12, 8, 2), work, Progress(1, enabled=False)))
     assert point["completed"] == 12 and point["failed"] == 0
     assert upstream.upstream.connections - before == 4  # opened before the clock, then kept alive
+
+
+def test_load_points_run_with_the_setup_heap_frozen(upstream: RunningUpstream) -> None:
+    # A full collection over the tokenizer's heap pauses the client ~160 ms here: every stream in flight would carry
+    # it into its TTFT. What exists before the run is frozen (not scanned again).
+    import gc
+
+    from appliance.selftest.runner import Progress, Workload, plan_single, run_points
+    from appliance.selftest.workloads import PromptMaker
+
+    gc.unfreeze()
+    setup = [object() for _ in range(1000)]
+    work = Workload(model="ok", prompts=PromptMaker())
+    asyncio.run(run_points(Target(upstream.url), plan_single(1, 1, 8, 2), work, Progress(1, enabled=False)))
+    try:
+        assert gc.get_freeze_count() >= len(setup)
+    finally:
+        gc.unfreeze()

@@ -168,3 +168,24 @@ def test_percentile_hand_checked() -> None:
     assert percentile([5.0], 99) == 5.0
     with pytest.raises(ValueError):
         percentile([], 50)
+
+
+def test_reasoning_counts_for_ttft_but_the_answer_starts_ttfc() -> None:
+    from appliance.selftest.client import _record
+
+    tl = _tl()
+    payloads = [
+        b'{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+        b'{"choices":[{"index":0,"delta":{"reasoning_content":"Periapical film;"}}]}',
+        b'{"choices":[{"index":0,"delta":{"reasoning_content":" check 36."}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"Caries on 36."},"finish_reason":"stop"}]}',
+        b'{"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":3,"total_tokens":43}}',
+        b"[DONE]",
+    ]
+    for payload in payloads:
+        _record(tl, payload)
+    stamps = [ev.t for ev in tl.events]
+    m = measure(tl)
+    assert m.success
+    assert m.ttft == pytest.approx(stamps[0] - T0)
+    assert m.ttfc == pytest.approx(stamps[3] - T0)  # thinking is not the answer
