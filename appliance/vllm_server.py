@@ -42,6 +42,7 @@ CPU_PROFILE_ENV = {
     "HF_HUB_OFFLINE": "1",  # nothing may be fetched from a model hub
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "75",  # > the gateway's upstream_keepalive_s, as in the systemd unit
     "DO_NOT_TRACK": "1",
 }
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"

@@ -166,7 +166,19 @@ async def run_level(
     return ttfts, events, time.perf_counter() - t0
 
 
-async def bench(args: argparse.Namespace, targets: dict[str, str], key: str) -> dict[str, object]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (nginx's workers), from /proc via psutil."""
+    import psutil
+
+    total = 0.0
+    proc = psutil.Process(pid)
+    for p in [proc, *proc.children(recursive=True)]:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+async def bench(args: argparse.Namespace, targets: dict[str, str], key: str, pids: dict[str, int]) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     body = json.dumps(
         {"model": "bench-model", "messages": [{"role": "user", "content": "Describe tooth 36."}], "max_tokens": 32,
@@ -184,7 +196,7 @@ async def bench(args: argparse.Namespace, targets: dict[str, str], key: str) -> 
     levels = [int(x) for x in args.levels.split(",")]
     names = list(targets)
     results: dict[str, dict[str, dict[str, list[float]]]] = {
-        str(c): {n: {"ttft": [], "rate": []} for n in names} for c in levels
+        str(c): {n: {"ttft": [], "rate": [], "cpu_s": [0.0], "events": [0.0]} for n in names} for c in levels
     }
     image: dict[str, list[float]] = {n: [] for n in names}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -198,11 +210,15 @@ async def bench(args: argparse.Namespace, targets: dict[str, str], key: str) -> 
             for conc in levels:
                 per_worker = max(2, args.requests // conc)
                 for name in order:
+                    cpu0 = cpu_seconds(pids[name])
                     ttfts, events, wall = await run_level(
                         session, targets[name], body, headers, conc=conc, per_worker=per_worker
                     )
-                    results[str(conc)][name]["ttft"] += ttfts
-                    results[str(conc)][name]["rate"].append(events / wall)
+                    row = results[str(conc)][name]
+                    row["ttft"] += ttfts
+                    row["rate"].append(events / wall)
+                    row["cpu_s"][0] += cpu_seconds(pids[name]) - cpu0
+                    row["events"][0] += events
             for name in order:
                 for _ in range(args.image_requests):
                     t, _ = await one_request(session, targets[name], image_body, headers)
@@ -223,6 +239,7 @@ def report(raw: dict[str, object], names: list[str]) -> dict[str, object]:
                 "ttft_p50_ms": statistics.median(ttft),
                 "ttft_p99_ms": pct(ttft, 99),
                 "chunks_per_s": statistics.median(per[name]["rate"]),
+                "cpu_us_per_chunk": per[name]["cpu_s"][0] / max(per[name]["events"][0], 1) * 1e6,
                 "samples": len(ttft),
             }
         for name in names:
@@ -246,13 +263,18 @@ def print_report(summary: dict[str, object], names: list[str], image_bytes: int)
             continue
         assert isinstance(rows, dict)
         print(f"\n{conc} concurrent streams (32 chunks, 2 ms apart)")
-        print(f"  {'target':<8} {'TTFT p50':>9} {'p99':>8} {'+p50':>8} {'+p99':>8} {'chunks/s':>9} {'vs nginx':>8}")
+        print(
+            f"  {'target':<8} {'TTFT p50':>9} {'p99':>8} {'+p50':>8} {'+p99':>8} {'chunks/s':>9} {'vs nginx':>8} "
+            f"{'CPU/chunk':>10}"
+        )
         for n in names:
             r = rows[n]
             print(
                 f"  {n:<8} {r['ttft_p50_ms']:>8.2f}ms {r['ttft_p99_ms']:>6.2f}ms {r['overhead_p50_ms']:>+7.2f}ms "
-                f"{r['overhead_p99_ms']:>+7.2f}ms {r['chunks_per_s']:>9.0f} {r.get('rate_vs_nginx', 0):>7.2f}x"
+                f"{r['overhead_p99_ms']:>+7.2f}ms {r['chunks_per_s']:>9.0f} {r.get('rate_vs_nginx', 0):>7.2f}x "
+                f"{r['cpu_us_per_chunk']:>8.1f}us"
             )
+        print("  (CPU/chunk: the target's own processes — the upstream for direct — per SSE event relayed)")
     img = summary["image_3mb"]
     assert isinstance(img, dict)
     print(f"\none request at a time with a {image_bytes / 1e6:.1f} MB PNG inline (TTFT p50)")
@@ -313,10 +335,11 @@ def main() -> int:
                    "--listen", f"127.0.0.1:{gw_port}", "--keys-file", str(keys), "--audit-log", str(d / "audit.jsonl"),
                    "--max-inflight", "256", "--max-per-key", "256"]  # fmt: skip
         with (
-            process(upstream, d / "upstream.log"),
-            process([nginx, "-c", str(d / "nginx.conf"), "-g", "daemon off;"], d / "nginx.log"),
-            process(gateway, d / "gateway.log"),
+            process(upstream, d / "upstream.log") as up_proc,
+            process([nginx, "-c", str(d / "nginx.conf"), "-g", "daemon off;"], d / "nginx.log") as ng_proc,
+            process(gateway, d / "gateway.log") as gw_proc,
         ):
+            pids = {"direct": up_proc.pid, "nginx": ng_proc.pid, "gateway": gw_proc.pid}
             wait_http(f"http://127.0.0.1:{up_port}/health")
             wait_http(f"http://127.0.0.1:{ng_port}/health")
             wait_http(f"http://127.0.0.1:{gw_port}/readyz")
@@ -328,9 +351,9 @@ def main() -> int:
             try:
                 import uvloop
 
-                raw = uvloop.run(bench(args, targets, key))
+                raw = uvloop.run(bench(args, targets, key, pids))
             except ImportError:
-                raw = asyncio.run(bench(args, targets, key))
+                raw = asyncio.run(bench(args, targets, key, pids))
     names = list(targets)
     summary = report(raw, names)
     verdicts = goals(summary)

@@ -25,6 +25,7 @@ _HELP = {
     "queue_timeout_s": "seconds a request may wait for a slot before 429",
     "max_queue": "requests that may wait for a slot",
     "connect_timeout_s": "seconds to connect to vLLM",
+    "upstream_keepalive_s": "seconds an idle connection to vLLM is kept for the next request",
     "first_byte_timeout_s": "longest silence from vLLM (long prefills!) before 504",
     "stall_timeout_s": "longest silence from vLLM in the middle of a stream before it is ended with an error event",
     "health_interval_s": "seconds between upstream health checks",

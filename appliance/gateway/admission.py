@@ -42,6 +42,10 @@ class Admission:
     def _reason(self, key: str) -> str:
         return "per_key_limit" if self.per_key.get(key, 0) >= self.max_per_key else "gateway_busy"
 
+    def try_acquire(self, key: str) -> bool:
+        """Take a slot for ``key`` if one is free now and nobody waits (then :meth:`release` it once)."""
+        return not self._waiters and self._try(key)
+
     async def acquire(self, key: str) -> str | None:
         """Take a slot for ``key``: None when admitted, else the reason (``per_key_limit``, ``gateway_busy``,
         ``queue_full``). Every admitted request must call :meth:`release` exactly once."""

@@ -5,8 +5,7 @@ Routes: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` (bot
 ``/pause``, ...) is reachable through the gateway.
 
 A chat request goes: key → admission → validation (see :mod:`validate`) → least-busy admitted replica → relay (see
-:mod:`relay`) → audit line. The request's task does the first steps and waits for the relay's end; the streamed
-bytes themselves never pass through it.
+:mod:`relay`) → audit line, from callback to callback; the streamed bytes never pass through a task.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import asyncio
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,7 @@ import aiohttp
 from appliance.gateway.admission import Admission
 from appliance.gateway.audit import AuditLog
 from appliance.gateway.config import GatewayConfig
-from appliance.gateway.http11 import ClientConnection, Request
+from appliance.gateway.http11 import ClientConnection, Completion, Pending, Request
 from appliance.gateway.metrics import Metrics
 from appliance.gateway.relay import (
     ConnectionPool,
@@ -33,7 +33,7 @@ from appliance.gateway.relay import (
     UpstreamUnavailableError,
 )
 from appliance.gateway.upstreams import Pool, Upstream
-from appliance.gateway.validate import Limits, RejectedError, validate_chat
+from appliance.gateway.validate import Limits, RejectedError, ValidRequest, validate_chat
 from appliance.wire import error_body
 
 __all__ = ["CHAT_PATH", "MODELS_PATH", "Gateway"]
@@ -57,6 +57,32 @@ def _error_doc(status: int, code: str, message: str, param: str | None = None) -
     return json.dumps(error_body(message, type_=type_, code=code, param=param), separators=(",", ":")).encode()
 
 
+@dataclass(eq=False)
+class _Chat:
+    """One chat request on its way through the callbacks."""
+
+    conn: ClientConnection
+    req: Request
+    rid: str
+    rec: dict[str, Any]
+    started: float
+    key: str
+    valid: ValidRequest | None = None
+    result: RelayResult = field(default_factory=RelayResult)
+    tried: tuple[Upstream, ...] = ()
+    attempts: int = 0
+    up: Upstream | None = None
+    finished: Completion | None = None  # set done when the request is over (audit line written)
+    waiting: asyncio.Task[None] | None = None  # connecting to vLLM
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"x-request-id", self.rid.encode()), (b"cache-control", b"no-cache")]
+
+    def cancel_wait(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+
+
 class Gateway:
     """Everything one gateway process holds: keys, replicas, admission, metrics, audit log, upstream connections."""
 
@@ -73,7 +99,7 @@ class Gateway:
             ready_window=cfg.ready_window_s,
             api_key=cfg.upstream_api_key,
         )
-        self.conns = ConnectionPool(cfg.connect_timeout_s)
+        self.conns = ConnectionPool(cfg.connect_timeout_s, cfg.upstream_keepalive_s)
         self.admission = Admission(cfg.max_inflight, cfg.max_per_key, cfg.queue_timeout_s, cfg.max_queue)
         self.limits = Limits(cfg.max_images, cfg.max_image_bytes, cfg.max_image_pixels, cfg.max_tokens_cap)
         self.metrics = Metrics()
@@ -130,15 +156,15 @@ class Gateway:
 
     # --- dispatch -----------------------------------------------------------------------------------------------
 
-    async def handle(self, conn: ClientConnection, req: Request) -> None:
-        """Answer one request (the connection's handler)."""
+    def handle(self, conn: ClientConnection, req: Request) -> Pending | None:
+        """Answer one request (the connection's handler): None when answered, else a future that resolves then."""
         rid = os.urandom(8).hex()
         path, method = req.path, req.method
         if path == CHAT_PATH and method == "POST":
-            await self._chat(conn, req, rid)
-        elif path == MODELS_PATH and method == "GET":
-            await self._models(conn, req, rid)
-        elif path == "/healthz" and method in ("GET", "HEAD"):
+            return self._chat(conn, req, rid)
+        if path == MODELS_PATH and method == "GET":
+            return asyncio.get_running_loop().create_task(self._models(conn, req, rid))
+        if path == "/healthz" and method in ("GET", "HEAD"):
             self._json(conn, req, 200, b'{"alive":true}', rid)
         elif path == "/readyz" and method in ("GET", "HEAD"):
             doc = self.pool.readiness()
@@ -155,6 +181,7 @@ class Gateway:
             self._json(conn, req, status, _error_doc(status, code, message), rid)
             rec = {"time": time.time(), "request_id": rid, "route": "other", "status": status, "reason": code}
             self._finish(rec, time.perf_counter())
+        return None
 
     @staticmethod
     def _json(
@@ -230,19 +257,31 @@ class Gateway:
         finally:
             self._finish(rec, started)
 
-    async def _chat(self, conn: ClientConnection, req: Request, rid: str) -> None:
+    # A chat request runs from callback to callback: the key check, admission, validation and the send to vLLM happen
+    # inside the read of the request (like nginx), and the audit line inside the relay's completion. A task is made
+    # only to wait: for an admission slot, or for a new connection to vLLM. Under load a task's first step waits
+    # behind a whole batch of other streams' reads; measured at 64 streams, that hop alone cost 1.2 ms p50, 4.8 ms p90.
+
+    def _chat(self, conn: ClientConnection, req: Request, rid: str) -> Pending | None:
         started = time.perf_counter()
         key, code, message = self._authenticate(req)
         rec: dict[str, Any] = {"time": time.time(), "request_id": rid, "route": "chat", "key": key}
         if key is None:
             self._refuse_key(conn, req, rid, code, message)
             rec.update(status=401, reason=code)
-            return self._finish(rec, started)
+            self._finish(rec, started)
+            return None
+        if self.admission.try_acquire(key):
+            return self._chat_admitted(_Chat(conn, req, rid, rec, started, key))
+        return asyncio.get_running_loop().create_task(self._chat_queued(_Chat(conn, req, rid, rec, started, key)))
+
+    async def _chat_queued(self, chat: _Chat) -> None:
         try:
-            refused = await self.admission.acquire(key)
+            refused = await self.admission.acquire(chat.key)
         except asyncio.CancelledError:
-            rec.update(status=499, reason="client_disconnected")
-            return self._finish(rec, started)
+            chat.rec.update(status=499, reason="client_disconnected")
+            self._finish(chat.rec, chat.started)
+            return
         if refused is not None:
             what = {
                 "per_key_limit": f"this workstation key already has {self.cfg.max_per_key} requests running",
@@ -250,20 +289,23 @@ class Gateway:
                 "queue_full": "too many requests are already waiting",
             }[refused]
             msg = f"Too many requests: {what}. Retry after the number of seconds in Retry-After."
-            self._json(conn, req, 429, _error_doc(429, refused, msg), rid, self._retry_after)
-            rec.update(status=429, reason=refused)
-            return self._finish(rec, started)
-        try:
-            await self._chat_admitted(conn, req, rid, rec, started)
-        except asyncio.CancelledError:
-            rec.update(status=499, reason="client_disconnected")
-        finally:
-            self.admission.release(key)
-            self._finish(rec, started)
+            self._json(chat.conn, chat.req, 429, _error_doc(429, refused, msg), chat.rid, self._retry_after)
+            chat.rec.update(status=429, reason=refused)
+            self._finish(chat.rec, chat.started)
+            return
+        finished = self._chat_admitted(chat)
+        if finished is not None:
+            over = asyncio.get_running_loop().create_future()
+            finished.add_done_callback(lambda _: None if over.done() else over.set_result(None))
+            try:
+                await over
+            except asyncio.CancelledError:
+                finished.cancel()  # the workstation left while the request waited for a connection
+                raise
 
-    async def _chat_admitted(
-        self, conn: ClientConnection, req: Request, rid: str, rec: dict[str, Any], started: float
-    ) -> None:
+    def _chat_admitted(self, chat: _Chat) -> Completion | None:
+        """Validate and send; the returned future resolves when the answer is over (None: it already is)."""
+        req = chat.req
         try:
             if req.too_large:
                 raise RejectedError(
@@ -272,79 +314,129 @@ class Gateway:
                     f"The request body is {req.too_large / 1e6:.1f} MB; the limit is "
                     f"{self.cfg.max_body_bytes / 1e6:.1f} MB. Send fewer or smaller images.",
                 )
-            valid = validate_chat(req.body, self.limits)
+            chat.valid = validate_chat(req.body, self.limits)
         except RejectedError as rej:
-            self._json(conn, req, rej.status, _error_doc(rej.status, rej.code, rej.message, rej.param), rid)
-            rec.update(status=rej.status, reason=rej.code)
-            return
-        rec.update(stream=valid.stream, images=valid.images, image_bytes=valid.image_bytes)
+            self._json(chat.conn, req, rej.status, _error_doc(rej.status, rej.code, rej.message, rej.param), chat.rid)
+            chat.rec.update(status=rej.status, reason=rej.code)
+            self._chat_over(chat)
+            return None
+        valid = chat.valid
+        chat.rec.update(stream=valid.stream, images=valid.images, image_bytes=valid.image_bytes)
         if valid.images:
             self.metrics.images += valid.images
             self.metrics.image_bytes += valid.image_bytes
-        result = RelayResult()
-        extra = [(b"x-request-id", rid.encode()), (b"cache-control", b"no-cache")]
-        tried: tuple[Upstream, ...] = ()
-        up: Upstream | None = None
+        chat.finished = Completion(on_cancel=chat.cancel_wait)  # the workstation left while we waited to connect
+        self._chat_attempt(chat)
+        return None if chat.finished.done() else chat.finished
+
+    def _chat_attempt(self, chat: _Chat) -> None:
+        """Pick a replica and send to it over a kept-alive connection, or start connecting to it."""
+        up = self.pool.pick(chat.tried) if chat.attempts < _MAX_ATTEMPTS else None
+        chat.attempts += 1
+        if up is None:
+            chat.up = None
+            if not chat.result.headers_sent and not chat.result.client_gone:
+                self._no_upstream(chat.conn, chat.req, chat.rid)
+                chat.rec.update(status=503, reason="no_upstream")
+            self._chat_over(chat)
+            return
+        chat.up = up
+        up.inflight += 1
+        upconn = self.conns.take_idle(up.url)
+        if upconn is not None:
+            self._chat_send(chat, up, upconn, reused=True)
+        else:
+            chat.waiting = asyncio.get_running_loop().create_task(self._chat_connect(chat, up))
+
+    async def _chat_connect(self, chat: _Chat, up: Upstream) -> None:
         try:
-            for _ in range(_MAX_ATTEMPTS):
-                up = self.pool.pick(tried)
-                if up is None:
-                    break
-                up.inflight += 1
-                upconn: UpstreamConnection | None = None
-                relay: Relay | None = None
-                try:
-                    upconn, reused = await self.conns.acquire(up.url)
-                    relay = Relay(
-                        conn, upconn, result, extra_headers=extra, keep_alive=req.keep_alive,
-                        first_byte_timeout=self.cfg.first_byte_timeout_s,
-                    )  # fmt: skip
-                    head = self._upstream_head[up.url] + b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n" % (
-                        rid.encode(), valid.body_bytes,
-                    )  # fmt: skip
-                    conn.relay = relay
-                    self.relays.add(relay)
-                    upconn.send(head, valid.body, relay)
-                    await relay.done
-                    break
-                except UpstreamUnavailableError as err:
-                    if upconn is None or not reused:
-                        self.pool.eject(up, f"{err}"[:200])
-                        tried += (up,)
-                    # a reused keep-alive connection closed under us: try again (a fresh one next time)
-                finally:
-                    conn.relay = None
-                    if relay is not None:
-                        self.relays.discard(relay)
-                    up.inflight -= 1
-                    if upconn is not None:
-                        self.conns.release(upconn)
-            else:
-                up = None
-            if result.status == 0 and not result.client_gone:
-                self._no_upstream(conn, req, rid)
-                rec.update(status=503, reason="no_upstream")
-                return
+            upconn = await self.conns.connect(up.url)
+        except UpstreamUnavailableError as err:
+            up.inflight -= 1
+            self.pool.eject(up, f"{err}"[:200])
+            chat.tried += (up,)
+            self._chat_attempt(chat)
+            return
+        except asyncio.CancelledError:
+            up.inflight -= 1
+            chat.rec.update(status=499, reason="client_disconnected")
+            self._chat_over(chat)
+            return
+        finally:
+            chat.waiting = None
+        if chat.conn.closed:
+            up.inflight -= 1
+            self.conns.release(upconn)
+            chat.rec.update(status=499, reason="client_disconnected")
+            self._chat_over(chat)
+            return
+        self._chat_send(chat, up, upconn, reused=False)
+
+    def _chat_send(self, chat: _Chat, up: Upstream, upconn: UpstreamConnection, *, reused: bool) -> None:
+        assert chat.valid is not None
+        relay = Relay(
+            chat.conn, upconn, chat.result, extra_headers=chat.extra_headers(), keep_alive=chat.req.keep_alive,
+            first_byte_timeout=self.cfg.first_byte_timeout_s,
+            on_done=lambda err: self._chat_relayed(chat, up, upconn, relay, reused=reused, err=err),
+        )  # fmt: skip
+        head = self._upstream_head[up.url] + b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n" % (
+            chat.rid.encode(), chat.valid.body_bytes,
+        )  # fmt: skip
+        chat.conn.relay = relay
+        self.relays.add(relay)
+        upconn.send(head, chat.valid.body, relay)
+
+    def _chat_relayed(
+        self,
+        chat: _Chat,
+        up: Upstream,
+        upconn: UpstreamConnection,
+        relay: Relay,
+        *,
+        reused: bool,
+        err: Exception | None,
+    ) -> None:
+        chat.conn.relay = None
+        self.relays.discard(relay)
+        up.inflight -= 1
+        self.conns.release(upconn)
+        if isinstance(err, UpstreamUnavailableError):
+            if not reused:
+                self.pool.eject(up, f"{err}"[:200])
+                chat.tried += (up,)
+            # else a kept-alive connection closed under us: try again (a fresh one next time)
+            self._chat_attempt(chat)
+            return
+        rec, result = chat.rec, chat.result
+        if isinstance(err, UpstreamTimeoutError):
+            message = "The AI model server did not answer in time; retry the request."
+            self._json(chat.conn, chat.req, 504, _error_doc(504, "upstream_timeout", message), chat.rid,
+                       self._retry_after)  # fmt: skip
+            rec.update(status=504, reason="upstream_timeout")
+        else:
             rec["status"] = 499 if result.client_gone else result.status
             if result.client_gone:
                 rec["reason"] = "client_disconnected"
             elif result.failure:
                 rec["reason"] = "upstream_stream_failed"
-                if up is not None:
-                    self.pool.eject(up, result.failure)
-            elif result.complete and up is not None:
+                self.pool.eject(up, result.failure)
+            elif result.complete:
                 self.pool.generation_ok(up)
             elif result.status >= 400:
                 rec["reason"] = "upstream_rejected"
-        except UpstreamTimeoutError:
-            message = "The AI model server did not answer in time; retry the request."
-            self._json(conn, req, 504, _error_doc(504, "upstream_timeout", message), rid, self._retry_after)
-            rec.update(status=504, reason="upstream_timeout")
-        finally:
-            rec["upstream"] = up.url if up else None
-            rec["prompt_tokens"] = result.prompt_tokens
-            rec["completion_tokens"] = result.completion_tokens
-            if result.ttfb is not None:
-                ttfb = result.ttfb - started
-                rec["ttfb_ms"] = round(ttfb * 1000, 3)
-                self.metrics.ttfb.observe(ttfb)
+        self._chat_over(chat)
+
+    def _chat_over(self, chat: _Chat) -> None:
+        """The end of an admitted request, however it ended: the slot back, the audit line, the waiter woken."""
+        rec, result = chat.rec, chat.result
+        rec["upstream"] = chat.up.url if chat.up else None
+        rec["prompt_tokens"] = result.prompt_tokens
+        rec["completion_tokens"] = result.completion_tokens
+        if result.ttfb is not None:
+            ttfb = result.ttfb - chat.started
+            rec["ttfb_ms"] = round(ttfb * 1000, 3)
+            self.metrics.ttfb.observe(ttfb)
+        self.admission.release(chat.key)
+        self._finish(rec, chat.started)
+        if chat.finished is not None:
+            chat.finished.set_done()

@@ -44,6 +44,9 @@ class GatewayConfig:
     max_queue: int = 256
     # Upstream behaviour.
     connect_timeout_s: float = 3.0
+    # Idle connections to vLLM are kept this long (vLLM must keep them longer: VLLM_HTTP_TIMEOUT_KEEP_ALIVE=75 in
+    # its unit). One closed by vLLM earlier is noticed when it closes, or retried on a fresh connection.
+    upstream_keepalive_s: float = 60.0
     first_byte_timeout_s: float = 600.0  # long prefills with big images: no short total timeout
     stall_timeout_s: float = 120.0  # a started stream with no byte from vLLM for this long has hung: end it
     health_interval_s: float = 2.0
@@ -64,8 +67,8 @@ class GatewayConfig:
 
 
 _PATH_KEYS = {"keys_file", "tls_cert", "tls_key", "audit_log"}
-_FLOAT_KEYS = {"queue_timeout_s", "connect_timeout_s", "first_byte_timeout_s", "stall_timeout_s",
-               "health_interval_s", "probe_interval_s", "ready_window_s"}  # fmt: skip
+_FLOAT_KEYS = {"queue_timeout_s", "connect_timeout_s", "upstream_keepalive_s", "first_byte_timeout_s",
+               "stall_timeout_s", "health_interval_s", "probe_interval_s", "ready_window_s"}  # fmt: skip
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

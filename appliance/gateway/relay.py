@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -146,22 +147,26 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class ConnectionPool:
-    """Idle keep-alive connections per upstream. vLLM (uvicorn) closes idle ones after 5 s; we reuse younger ones."""
+    """Idle keep-alive connections per upstream, reused for up to ``keepalive`` seconds (the newest first)."""
 
-    def __init__(self, connect_timeout: float, keepalive: float = 4.0) -> None:
+    def __init__(self, connect_timeout: float, keepalive: float) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self._idle: dict[str, list[UpstreamConnection]] = {}
 
-    async def acquire(self, url: str) -> tuple[UpstreamConnection, bool]:
-        """(connection, reused). Raises :class:`UpstreamUnavailableError` when it cannot connect."""
+    def take_idle(self, url: str) -> UpstreamConnection | None:
+        """A kept-alive connection to ``url`` that is still open, or None."""
         idle = self._idle.get(url)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self.keepalive:
-                return conn, True
+                return conn
             conn.close()
+        return None
+
+    async def connect(self, url: str) -> UpstreamConnection:
+        """A new connection. Raises :class:`UpstreamUnavailableError` when it cannot connect."""
         parts = urlsplit(url)
         loop = asyncio.get_running_loop()
         try:
@@ -176,7 +181,7 @@ class ConnectionPool:
             )
         except (OSError, TimeoutError) as err:
             raise UpstreamUnavailableError(f"cannot connect: {type(err).__name__}: {err}"[:200]) from err
-        return proto, False
+        return proto
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep a connection whose answer completed; close any other."""
@@ -195,7 +200,13 @@ class ConnectionPool:
 
 
 class Relay:
-    """Receives one upstream answer and writes it to the workstation; ``done`` resolves when it is over."""
+    """Receives one upstream answer and writes it to the workstation; calls ``on_done`` once when it is over.
+
+    ``on_done(None)`` after an answer (complete, cut short or refused: see :class:`RelayResult`), else with
+    :class:`UpstreamUnavailableError` or :class:`UpstreamTimeoutError`. It is called synchronously, from inside the
+    callback that ended the answer: an asyncio future would defer the end (and the workstation's next request on
+    this connection) to the next turn of a loop that may be busy with dozens of other streams.
+    """
 
     def __init__(
         self,
@@ -206,6 +217,7 @@ class Relay:
         extra_headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
         first_byte_timeout: float,
+        on_done: Callable[[Exception | None], None],
     ) -> None:
         loop = asyncio.get_running_loop()
         self.client = client
@@ -213,7 +225,8 @@ class Relay:
         self.result = result
         self.extra_headers = extra_headers
         self.keep_alive = keep_alive
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.on_done = on_done
+        self.finished = False
         self._streaming = False
         self._head = b""
         self._write = client.write
@@ -287,7 +300,7 @@ class Relay:
         self._finish()
 
     def on_lost(self, got_response: bool) -> None:
-        if self.done.done():
+        if self.finished:
             return
         if self._streaming:
             self.flush()
@@ -300,7 +313,7 @@ class Relay:
 
     def check_stall(self, now: float, limit: float) -> bool:
         """End a started stream that brought no byte for ``limit`` seconds (the watchdog calls this). True if ended."""
-        if not self._streaming or self.done.done():
+        if not self._streaming or self.finished:
             return False
         if self.reads != self._watch[0]:
             self._watch = (self.reads, now)
@@ -328,12 +341,10 @@ class Relay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.done.done():
+        if self.finished:
             return
-        if exc is None:
-            self.done.set_result(None)
-        else:
-            self.done.set_exception(exc)
+        self.finished = True
+        self.on_done(exc)
 
     # --- client side (FlowTarget) -----------------------------------------------------------------------------------
 

@@ -67,6 +67,12 @@ def vllm_metric(vllm: RunningVllm, name: str, **labels: str) -> float:
     return total
 
 
+def _gateway_metric(gw: RunningGateway, name: str) -> float:
+    with httpx.Client(verify=gw.ssl_context(), timeout=10) as http:
+        text = http.get(gw.base_url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
+
+
 def chat_posts_seen_by_vllm(vllm: RunningVllm) -> float:
     return vllm_metric(vllm, "http_requests_total", handler="/v1/chat/completions")
 
@@ -309,11 +315,12 @@ def test_disconnect_mid_stream_aborts_in_vllm(gateway_server: RunningGateway, vl
         assert resp.status_code == 200
         parser = SSEParser()
         seen = 0
-        for chunk in resp.iter_raw():
+        chunks = resp.iter_raw()  # kept referenced: a dropped iterator closes the connection at once
+        for chunk in chunks:
             seen += sum(1 for data in parser.feed(chunk) if classify(data).kind == "content")
             if seen >= 3:
                 break
-        assert vllm_metric(vllm_server, "vllm:num_requests_running") == 1
+        assert _wait_metric(vllm_server, "vllm:num_requests_running", 1) == 1
     # Leaving the with-block closed the connection mid-stream: vLLM must stop well before LONG tokens.
     assert _wait_metric(vllm_server, "vllm:num_requests_running", 0) == 0
     assert vllm_metric(vllm_server, "vllm:generation_tokens_total") - generated < LONG
@@ -370,12 +377,15 @@ def test_admission_limits(vllm_server: RunningVllm, tmp_path: Path) -> None:
                     http.post, url, json=_long_body(vllm_server.model, False),
                     headers={"Authorization": f"Bearer {gw.key}"},
                 )  # fmt: skip
-                assert _wait_metric(vllm_server, "vllm:num_requests_running", 1, timeout=30) == 1
+                deadline = time.monotonic() + 30
+                while _gateway_metric(gw, "clinic_edge_gateway_inflight_requests") != 1:
+                    assert time.monotonic() < deadline and not first.done(), "the long request was never in flight"
+                    time.sleep(0.02)
                 # ...so the same key waits 0.2 s, then gets 429; another key finds the gateway full.
                 same_key_f = pool.submit(http.post, url, json=short, headers={"Authorization": f"Bearer {gw.key}"})
                 busy_f = pool.submit(http.post, url, json=short, headers={"Authorization": f"Bearer {other}"})
                 same_key, busy = same_key_f.result(), busy_f.result()
-                still_running = vllm_metric(vllm_server, "vllm:num_requests_running") == 1
+                still_running = not first.done()
                 assert first.result().status_code == 200
             if still_running:
                 break

@@ -81,6 +81,16 @@ def test_vllm_unit_keeps_the_gpu_and_stays_on_loopback() -> None:
     assert any(k == "ReadWritePaths" for k, _ in d)
 
 
+def test_vllm_keeps_idle_connections_longer_than_the_gateway_reuses_them() -> None:
+    from appliance.gateway.config import GatewayConfig
+    from appliance.vllm_server import CPU_PROFILE_ENV
+
+    env = dict(kv.split("=", 1) for k, v in _directives("clinic-edge-vllm@.service") if k == "Environment"
+               for kv in v.split())  # fmt: skip
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == CPU_PROFILE_ENV["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]
+    assert float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > GatewayConfig().upstream_keepalive_s
+
+
 def test_gateway_unit_is_denied_the_network_but_loopback_and_the_lan_drop_in() -> None:
     d = _directives("clinic-edge-gateway.service")
     assert ("IPAddressDeny", "any") in d and ("IPAddressAllow", "localhost") in d
