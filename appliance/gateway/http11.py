@@ -102,6 +102,7 @@ class Completion:
         if self._done:
             return
         self._done = True
+        self.on_cancel = None  # it usually points back at whoever holds this completion
         callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(self)

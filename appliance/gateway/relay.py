@@ -49,6 +49,10 @@ _STREAM_FAILED = sse_error_event(
 )
 
 
+def _ignore(_: Exception | None) -> None:
+    pass
+
+
 class UpstreamUnavailableError(Exception):
     """The upstream could not be reached, or dropped the connection before answering."""
 
@@ -344,7 +348,8 @@ class Relay:
         if self.finished:
             return
         self.finished = True
-        self.on_done(exc)
+        on_done, self.on_done = self.on_done, _ignore  # the callback's closure holds this relay: break the cycle
+        on_done(exc)
 
     # --- client side (FlowTarget) -----------------------------------------------------------------------------------
 
