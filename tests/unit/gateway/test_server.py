@@ -158,13 +158,17 @@ async def test_non_streaming_and_models(env: Env) -> None:
             assert (await resp.json())["data"][0]["id"] == "fake"
 
 
-async def test_upstream_dies_mid_stream(env: Env) -> None:
+async def _post_events(env: Env, body: dict[str, object]) -> list[bytes]:
+    """The SSE events of one streamed request (within 10 s)."""
     async with (
         aiohttp.ClientSession() as http,
-        http.post(env.url + "/v1/chat/completions", json=_body(die=True),
-                  headers={"Authorization": f"Bearer {env.key}"}) as resp,
-    ):  # fmt: skip
-        events = await _events(resp)
+        http.post(env.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {env.key}"}) as resp,
+    ):
+        return await asyncio.wait_for(_events(resp), 10)
+
+
+async def test_upstream_dies_mid_stream(env: Env) -> None:
+    events = await _post_events(env, _body(die=True))
     assert events[:4] == EVENTS[:4]
     kinds = [classify(e).kind for e in events[4:]]
     assert kinds == ["error", "done"]
@@ -173,12 +177,7 @@ async def test_upstream_dies_mid_stream(env: Env) -> None:
 
 
 async def test_a_stream_that_stalls_is_ended_with_an_error_event(env: Env) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(env.url + "/v1/chat/completions", json=_body(hang=True),
-                  headers={"Authorization": f"Bearer {env.key}"}) as resp,
-    ):  # fmt: skip
-        events = await asyncio.wait_for(_events(resp), 10)
+    events = await _post_events(env, _body(hang=True))
     assert events[:4] == EVENTS[:4]
     assert [classify(e).kind for e in events[4:]] == ["error", "done"]
     for _ in range(100):  # the upstream saw the gateway hang up (vLLM would abort the request)
