@@ -327,7 +327,12 @@ class Relay:
         self.upstream.sink = None
         self.upstream.close()  # vLLM aborts the request if it is still alive
         self.flush()
-        self._end_stream_with_error(f"no data from upstream for {limit:.0f} s mid-stream (stalled)")
+        if self._tail.rstrip().endswith(DONE_EVENT.rstrip()):
+            # Only the closing empty chunk is missing: the workstation has the whole answer; end it cleanly.
+            self.result.complete = True
+            self.client.write(b"0\r\n\r\n")
+        else:
+            self._end_stream_with_error(f"no data from upstream for {limit:g} s mid-stream (stalled)")
         self._finish()
         return True
 

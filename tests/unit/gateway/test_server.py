@@ -107,7 +107,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     cfg = GatewayConfig(
         upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
         listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
-        first_byte_timeout_s=0.5, stall_timeout_s=0.4,
+        first_byte_timeout_s=0.5, stall_timeout_s=0.4, max_per_key=1, queue_timeout_s=5,
     )  # fmt: skip
     started = asyncio.Event()
     task = asyncio.create_task(serve(cfg, started))
@@ -293,3 +293,36 @@ async def test_a_finished_request_leaves_no_reference_cycle(env: Env) -> None:
             assert alive() == 0
     finally:
         gc.enable()
+
+
+async def test_a_request_over_the_key_limit_waits_for_a_slot_then_is_answered(env: Env) -> None:
+    # max_per_key=1: the second request waits (no task existed for the first one: it went straight to the upstream).
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {env.key}"}) as http:
+        first = asyncio.create_task(_post_events(env, _body(linger=True)))
+        await asyncio.sleep(0.1)
+        async with http.post(env.url + "/v1/chat/completions", json=_body(stream=False)) as resp:
+            assert resp.status == 200
+        assert first.done()  # it had to finish before the second could start
+        events = await first
+    # Its upstream never sent the closing empty chunk: after the stall timeout the answer is closed as complete.
+    assert events[-1] == b"[DONE]" and "error" not in [classify(e).kind for e in events]
+    assert json.loads(env.audit.read_text().splitlines()[0])["reason"] is None
+
+
+async def test_a_workstation_that_leaves_while_queued_is_logged_and_frees_nothing(env: Env) -> None:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {env.key}"}) as http:
+        first = asyncio.create_task(_post_events(env, _body(linger=True)))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            async with http.post(env.url + "/v1/chat/completions", json=_body(stream=False),
+                                 timeout=aiohttp.ClientTimeout(total=0.2)):  # fmt: skip
+                pass
+        assert (await first)[-1] == b"[DONE]"
+        async with http.post(env.url + "/v1/chat/completions", json=_body(stream=False)) as resp:
+            assert resp.status == 200  # the slot came back
+    records = [json.loads(line) for line in env.audit.read_text().splitlines()]
+    assert [(r["status"], r["reason"]) for r in records if r["route"] == "chat"] == [
+        (499, "client_disconnected"),
+        (200, None),
+        (200, None),
+    ]
