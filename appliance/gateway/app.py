@@ -334,13 +334,16 @@ class Gateway:
 
     def _chat_attempt(self, chat: _Chat) -> None:
         """Pick a replica and send to it over a kept-alive connection, or start connecting to it."""
+        if chat.conn.closed:  # the workstation left before a retry
+            chat.rec.update(status=499, reason="client_disconnected")
+            self._chat_over(chat)
+            return
         up = self.pool.pick(chat.tried) if chat.attempts < _MAX_ATTEMPTS else None
         chat.attempts += 1
         if up is None:
             chat.up = None
-            if not chat.result.headers_sent and not chat.result.client_gone:
-                self._no_upstream(chat.conn, chat.req, chat.rid)
-                chat.rec.update(status=503, reason="no_upstream")
+            self._no_upstream(chat.conn, chat.req, chat.rid)
+            chat.rec.update(status=503, reason="no_upstream")
             self._chat_over(chat)
             return
         chat.up = up
@@ -355,18 +358,19 @@ class Gateway:
         try:
             upconn = await self.conns.connect(up.url)
         except UpstreamUnavailableError as err:
+            chat.waiting = None  # before the next attempt, which may start a task of its own
             up.inflight -= 1
             self.pool.eject(up, f"{err}"[:200])
             chat.tried += (up,)
             self._chat_attempt(chat)
             return
         except asyncio.CancelledError:
+            chat.waiting = None
             up.inflight -= 1
             chat.rec.update(status=499, reason="client_disconnected")
             self._chat_over(chat)
             return
-        finally:
-            chat.waiting = None
+        chat.waiting = None
         if chat.conn.closed:
             up.inflight -= 1
             self.conns.release(upconn)
