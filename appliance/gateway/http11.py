@@ -159,8 +159,19 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self._arm(None)
         self.tracker.discard(self)
-        if self.relay is not None:
-            self.relay.client_gone()
+        self._gone()
+
+    def eof_received(self) -> bool:
+        # The workstation closed its side. With answer bytes still queued, the transport would wait for them to
+        # drain before reporting the loss, and vLLM would go on generating for nobody: end the request now.
+        self.closed = True
+        self._gone()
+        return False
+
+    def _gone(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.client_gone()
         elif self.task is not None and not self.task.done():
             self.task.cancel()
 
