@@ -325,8 +325,8 @@ def test_disconnect_mid_stream_aborts_in_vllm(gateway_server: RunningGateway, vl
             seen += sum(1 for data in parser.feed(chunk) if classify(data).kind == "content")
             if seen >= 3:
                 break
-    # Leaving the loop closed the connection after 3 of LONG tokens: vLLM must stop well before LONG.
-    assert _settled_tokens(vllm_server) - generated < LONG / 2
+    # Leaving the loop closed the connection after 3 of LONG tokens: vLLM must stop before LONG.
+    assert _settled_tokens(vllm_server) - generated < LONG  # all LONG (+1 probe) if never aborted
     assert gateway_server.wait_audit(audited + 1)[-1]["reason"] == "client_disconnected"
 
 
@@ -340,7 +340,7 @@ def test_disconnect_while_waiting_non_streaming_aborts_in_vllm(
     with httpx.Client(verify=gateway_server.ssl_context(), timeout=timeout) as http, pytest.raises(httpx.ReadTimeout):
         http.post(gateway_server.base_url + "/v1/chat/completions", json=_long_body(vllm_server.model, False),
                   headers=hdrs)  # fmt: skip
-    assert _settled_tokens(vllm_server) - generated < LONG / 2
+    assert _settled_tokens(vllm_server) - generated < LONG  # all LONG (+1 probe) if never aborted
     assert gateway_server.wait_audit(audited + 1)[-1]["reason"] == "client_disconnected"
 
 
