@@ -205,9 +205,6 @@ class Gateway:
             return None, "invalid_api_key", f"The API key is not valid (unknown or revoked). {KEY_HELP}"
         return name, "", ""
 
-    def _refuse_key(self, conn: ClientConnection, req: Request, rid: str, code: str, message: str) -> None:
-        self._json(conn, req, 401, _error_doc(401, code, message), rid, (b"www-authenticate", b"Bearer"))
-
     def _finish(self, rec: dict[str, Any], started: float) -> None:
         """Count the request and write its audit line."""
         now = time.perf_counter()
@@ -230,14 +227,23 @@ class Gateway:
 
     # --- routes -------------------------------------------------------------------------------------------------
 
-    async def _models(self, conn: ClientConnection, req: Request, rid: str) -> None:
+    def _keyed(
+        self, conn: ClientConnection, req: Request, rid: str, route: str
+    ) -> tuple[str | None, dict[str, Any], float]:
+        """Check the workstation key: (key name, audit record, start). A refused key is answered 401 and audited."""
         started = time.perf_counter()
         key, code, message = self._authenticate(req)
-        rec: dict[str, Any] = {"time": time.time(), "request_id": rid, "route": "models", "key": key}
+        rec: dict[str, Any] = {"time": time.time(), "request_id": rid, "route": route, "key": key}
         if key is None:
-            self._refuse_key(conn, req, rid, code, message)
+            self._json(conn, req, 401, _error_doc(401, code, message), rid, (b"www-authenticate", b"Bearer"))
             rec.update(status=401, reason=code)
-            return self._finish(rec, started)
+            self._finish(rec, started)
+        return key, rec, started
+
+    async def _models(self, conn: ClientConnection, req: Request, rid: str) -> None:
+        key, rec, started = self._keyed(conn, req, rid, "models")
+        if key is None:
+            return
         assert self.session is not None
         tried: tuple[Upstream, ...] = ()
         headers = {"Authorization": f"Bearer {self.cfg.upstream_api_key}"} if self.cfg.upstream_api_key else {}
@@ -266,13 +272,8 @@ class Gateway:
     # behind a whole batch of other streams' reads; measured at 64 streams, that hop alone cost 1.2 ms p50, 4.8 ms p90.
 
     def _chat(self, conn: ClientConnection, req: Request, rid: str) -> Pending | None:
-        started = time.perf_counter()
-        key, code, message = self._authenticate(req)
-        rec: dict[str, Any] = {"time": time.time(), "request_id": rid, "route": "chat", "key": key}
+        key, rec, started = self._keyed(conn, req, rid, "chat")
         if key is None:
-            self._refuse_key(conn, req, rid, code, message)
-            rec.update(status=401, reason=code)
-            self._finish(rec, started)
             return None
         if self.admission.try_acquire(key):
             return self._chat_admitted(_Chat(conn, req, rid, rec, started, key))
