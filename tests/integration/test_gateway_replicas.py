@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from appliance.demo_model import DEMO_MODEL_NAME
 from appliance.vllm_server import VllmLaunch, VllmServer
 from tests.conftest import RunningGateway, free_port, launch_gateway, require
+from tests.integration.conftest import sdk_client
 
 pytestmark = pytest.mark.vllm
 
@@ -55,25 +55,6 @@ def pair_gateway(replicas: list[VllmServer], tmp_path_factory: pytest.TempPathFa
     gw.stop()
 
 
-_OPEN: list[openai.OpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _OPEN:
-        _OPEN.pop().close()
-
-
-def _client(gw: RunningGateway) -> openai.OpenAI:
-    c = openai.OpenAI(
-        base_url=gw.base_url + "/v1", api_key=gw.key, max_retries=0, timeout=120,
-        http_client=httpx.Client(verify=gw.ssl_context()),
-    )  # fmt: skip
-    _OPEN.append(c)
-    return c
-
-
 def _readyz(gw: RunningGateway) -> dict[str, object]:
     try:
         with urllib.request.urlopen(gw.base_url + "/readyz", context=gw.ssl_context()) as resp:
@@ -84,7 +65,7 @@ def _readyz(gw: RunningGateway) -> dict[str, object]:
 
 
 def test_requests_are_spread_over_both_replicas(pair_gateway: RunningGateway, replicas: list[VllmServer]) -> None:
-    ws = _client(pair_gateway)
+    ws = sdk_client(pair_gateway)
 
     def ask(_: int) -> int:
         stream = ws.chat.completions.create(
@@ -109,7 +90,7 @@ def test_vllm_killed_mid_stream(replicas: list[VllmServer], tmp_path_factory: py
     gw = launch_gateway(tmp_path_factory.mktemp("gw-victim"), [victim.launch.base_url])
     try:
         audited = len(gw.audit_records())
-        stream = _client(gw).chat.completions.create(
+        stream = sdk_client(gw).chat.completions.create(
             model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": "A long story."}], max_tokens=800,
             stream=True, extra_body={"ignore_eos": True},
         )  # fmt: skip
@@ -133,7 +114,7 @@ def test_vllm_killed_mid_stream(replicas: list[VllmServer], tmp_path_factory: py
 def test_one_replica_stopped(pair_gateway: RunningGateway, replicas: list[VllmServer]) -> None:
     alive, dead = replicas
     dead.stop()
-    ws = _client(pair_gateway)
+    ws = sdk_client(pair_gateway)
     audited = len(pair_gateway.audit_records())
     for _ in range(4):  # every request succeeds; the first may find the dead one and retry on the live one
         answer = ws.chat.completions.create(
