@@ -32,14 +32,18 @@ async def serve(cfg: GatewayConfig, started: asyncio.Event | None = None) -> Non
     await gateway.startup()
     loop = asyncio.get_running_loop()
     connections: set[ClientConnection] = set()
-    server = await loop.create_server(
-        lambda: ClientConnection(gateway.handle, cfg.max_body_bytes, connections),
-        cfg.host,
-        cfg.port,
-        ssl=_ssl_context(cfg),
-        backlog=1024,
-        reuse_address=True,
-    )
+    try:
+        server = await loop.create_server(
+            lambda: ClientConnection(gateway.handle, cfg.max_body_bytes, connections),
+            cfg.host,
+            cfg.port,
+            ssl=_ssl_context(cfg),
+            backlog=1024,
+            reuse_address=True,
+        )
+    except BaseException:
+        await gateway.shutdown()  # the audit log and the health loop's session, opened above
+        raise
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -100,18 +100,30 @@ class Env:
 @pytest_asyncio.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     script = Script()
-    up_port, dead_port, gw_port = free_port(), free_port(), free_port()
+    up_port, dead_port = free_port(), free_port()
     runner = await _upstream(script, up_port)
     keys = tmp_path / "keys.json"
     key = add_key(keys, "ws")
-    cfg = GatewayConfig(
-        upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
-        listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
-        first_byte_timeout_s=0.5, stall_timeout_s=0.4, max_per_key=1, queue_timeout_s=5,
-    )  # fmt: skip
-    started = asyncio.Event()
-    task = asyncio.create_task(serve(cfg, started))
-    await asyncio.wait_for(started.wait(), 10)
+    for _attempt in range(3):  # free_port() can lose its port to another socket before the gateway binds it
+        gw_port = free_port()
+        cfg = GatewayConfig(
+            upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
+            listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
+            first_byte_timeout_s=0.5, stall_timeout_s=0.4, max_per_key=1, queue_timeout_s=5,
+        )  # fmt: skip
+        started = asyncio.Event()
+        task = asyncio.create_task(serve(cfg, started))
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if started.is_set():
+            break
+        if task.done() and isinstance(task.exception(), OSError):
+            continue
+        task.cancel()
+        raise RuntimeError(f"the gateway did not start: {task.exception() if task.done() else 'timeout'}")
+    else:
+        raise RuntimeError("no free port for the gateway after 3 tries")
     try:
         yield Env(f"http://127.0.0.1:{gw_port}", key, script, tmp_path / "audit.jsonl")
     finally:
