@@ -161,6 +161,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     p.add_argument("--prompt-tokens", type=int, metavar="P", help="single point: prompt length in tokens")
     p.add_argument("--max-tokens", type=int, metavar="T", help="single point: tokens to generate per request")
     p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="synthetic prompts generate all their tokens, as vllm bench serve does for random prompts "
+        "(default: on; conversations always end where the model ends them)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=120.0, metavar="S", help="seconds one request may take (default 120)"
     )
     p.set_defaults(func=_main)
@@ -373,7 +380,8 @@ async def _measure(
     tok_path, tokenizer, how = _tokenizer(
         args, cfg, card=card, plan_doc=plan_doc, info=info, model=model, target=target, direct=direct
     )
-    work = Workload(model=model, prompts=PromptMaker(tokenizer))
+    work = Workload(model=model, prompts=PromptMaker(tokenizer), ignore_eos=args.ignore_eos)
+    snapshot["ignore_eos"] = work.ignore_eos
     await warm_up(target, work)
     if tokenizer is None:
         await _calibrate(target, work)

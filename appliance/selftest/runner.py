@@ -156,6 +156,9 @@ class Workload:
     model: str
     prompts: PromptMaker
     seed: int = field(default_factory=lambda: random.SystemRandom().randrange(1 << 30))
+    # Synthetic prompts run to max_tokens, as ``vllm bench serve`` does for its random datasets: an early
+    # end-of-sequence would leave TPOT and ITL with one or no gap to measure, and change the load.
+    ignore_eos: bool = True
     _counter: int = 0
 
     def next_seed(self) -> int:
@@ -171,7 +174,17 @@ class Workload:
         """
         text = self.prompts.text(prompt_tokens, self.next_seed())
         content = [{"type": "text", "text": text}]
-        return chat_request(self.model, [{"role": "user", "content": content}], max_tokens=max_tokens)
+        return chat_request(self.model, [{"role": "user", "content": content}], max_tokens=max_tokens, **self.fixed())
+
+    def image_body(self, max_tokens: int) -> dict[str, Any]:
+        """A chat request with one freshly drawn radiograph-like image (never patient data)."""
+        return chat_request(
+            self.model, image_message(radiograph_png(self.next_seed())), max_tokens=max_tokens, **self.fixed()
+        )
+
+    def fixed(self) -> dict[str, Any]:
+        """vLLM's ``ignore_eos`` sampling option when synthetic requests must run to their length."""
+        return {"ignore_eos": True} if self.ignore_eos else {}
 
 
 class Progress:
@@ -263,10 +276,7 @@ async def run_point(
         bodies = [work.text_body(point.prompt_tokens, point.max_tokens) for _ in range(point.requests)]
         jobs = [functools.partial(_single, send, b) for b in bodies]
     elif point.kind == "image":
-        bodies = [
-            chat_request(work.model, image_message(radiograph_png(work.next_seed())), max_tokens=point.max_tokens)
-            for _ in range(point.requests)
-        ]
+        bodies = [work.image_body(point.max_tokens) for _ in range(point.requests)]
         jobs = [functools.partial(_single, send, b) for b in bodies]
     else:
         for conv in CONVERSATIONS:

@@ -83,6 +83,7 @@ def test_streaming_over_tls_with_the_sdk(gateway_server: RunningGateway, vllm_se
         max_tokens=6,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},  # random weights may pick EOS early; the counts below need all 6 tokens
     )  # fmt: skip
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -100,7 +101,11 @@ def test_streaming_over_tls_with_the_sdk(gateway_server: RunningGateway, vllm_se
 
 def test_non_streaming_forces_n_1(gateway_server: RunningGateway, vllm_server: RunningVllm) -> None:
     answer = client(gateway_server).chat.completions.create(
-        model=vllm_server.model, messages=[{"role": "user", "content": "Hello"}], max_tokens=3, n=3
+        model=vllm_server.model,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=3,
+        n=3,
+        extra_body={"ignore_eos": True},
     )
     assert len(answer.choices) == 1
     assert answer.usage is not None and answer.usage.completion_tokens == 3

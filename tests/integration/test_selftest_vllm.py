@@ -56,6 +56,8 @@ def test_single_point_and_gateway_share_machinery(
     doc = json.loads(capsys.readouterr().out)
     assert code == 0, doc["verdict"]["reason"]
     assert doc["completed"] == 4 and doc["tpot_ms"]["p50"] is not None
+    assert doc["snapshot"]["ignore_eos"] is True
+    assert doc["points"][0]["total_output_tokens"] == 4 * 8  # each request ran to its length
     share = doc["gateway_share"]
     assert isinstance(doc["gateway_share_ms"], float) and share["pairs"] == 16 and share["failed"] == 0
 

@@ -55,3 +55,14 @@ def test_model_takes_images_from_config(tmp_path: Path) -> None:
     assert model_takes_images(tmp_path) is False
     (tmp_path / "config.json").write_text('{"model_type": "idefics3", "vision_config": {"patch_size": 14}}')
     assert model_takes_images(tmp_path) is True
+
+
+def test_synthetic_requests_run_to_their_length_unless_told_otherwise() -> None:
+    # vllm bench serve sets ignore_eos for its random datasets; the self-test's synthetic load does the same.
+    from appliance.selftest.runner import Workload
+
+    work = Workload(model="m", prompts=PromptMaker())
+    assert work.text_body(16, 4)["ignore_eos"] is True
+    assert work.image_body(4)["ignore_eos"] is True
+    free = Workload(model="m", prompts=PromptMaker(), ignore_eos=False)
+    assert "ignore_eos" not in free.text_body(16, 4) and "ignore_eos" not in free.image_body(4)
