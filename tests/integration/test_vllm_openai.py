@@ -74,7 +74,7 @@ def test_stream_ends_with_done_on_the_wire(vllm_server: RunningVllm) -> None:
 
     from appliance.wire import SSEParser, chat_request, classify
 
-    body = chat_request(vllm_server.model, [{"role": "user", "content": "Hello"}], max_tokens=3)
+    body = chat_request(vllm_server.model, [{"role": "user", "content": "Hello"}], max_tokens=3, ignore_eos=True)
     req = urllib.request.Request(
         vllm_server.base_url + "/v1/chat/completions",
         data=json.dumps(body).encode(),
