@@ -8,7 +8,9 @@ Starts vLLM (CPU build) serving the demo model, then alternates, ``--rounds`` ti
   --random-input-len 64 --random-output-len 32 --num-prompts 64 --max-concurrency 8``), in a long-lived subprocess
   (vLLM imported once) so its event loop never mixes with ours,
 
-and prints both TTFT p50s per round, their ratio, and the median ratio. Goal: within ±5 %.
+and prints both TTFT p50s per round, their ratio, the median ratio, and the output tokens each side generated (the
+load must be the same: vLLM's benchmark sets ``ignore_eos`` for random prompts, and so does the self-test). Goal:
+within ±5 %.
 
 Usage: .venv/bin/python -m bench.bench_selftest_vs_vllm [--rounds 4] [--model-dir DIR]
 """
@@ -93,7 +95,12 @@ class VllmBench:
         self.proc.stdin.flush()
         self._expect("DONE")
         doc = json.loads((self.out_dir / f"vllm-{seed}.json").read_text())
-        return {"p50": doc["median_ttft_ms"], "p99": doc["p99_ttft_ms"], "failed": doc.get("failed", 0)}
+        return {
+            "p50": doc["median_ttft_ms"],
+            "p99": doc["p99_ttft_ms"],
+            "failed": doc.get("failed", 0),
+            "out": doc["total_output_tokens"],
+        }
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -115,7 +122,12 @@ class Ours:
         a = self.args
         points = plan_single(a.concurrency, a.requests, a.input_len, a.output_len)
         (res,) = asyncio.run(run_points(self.target, points, self.work, Progress(1, enabled=False)))
-        return {"p50": res["ttft_ms"]["p50"], "p99": res["ttft_ms"]["p99"], "failed": res["failed"]}
+        return {
+            "p50": res["ttft_ms"]["p50"],
+            "p99": res["ttft_ms"]["p99"],
+            "failed": res["failed"],
+            "out": res["total_output_tokens"],
+        }
 
 
 def _bootstrap_median_ci(values: list[float], n: int = 2000, level: float = 0.90) -> tuple[float, float]:
@@ -155,7 +167,7 @@ def main() -> None:
             )
             print(
                 f"{'round':>5} {'clinic-edge p50':>16} {'vllm bench p50':>15} {'ratio':>7} {'ours p99':>9} "
-                f"{'vllm p99':>9}"
+                f"{'vllm p99':>9} {'output tokens (ours/vllm)':>26}"
             )
             ratios = []
             rows = []
@@ -173,7 +185,7 @@ def main() -> None:
                 rows.append((mine, theirs))
                 print(
                     f"{r:>5} {mine['p50']:>16.2f} {theirs['p50']:>15.2f} {ratio:>7.3f} {mine['p99']:>9.2f} "
-                    f"{theirs['p99']:>9.2f}"
+                    f"{theirs['p99']:>9.2f} {mine['out']:>13}/{theirs['out']:<12}"
                     + (f"  failed: {mine['failed']}/{theirs['failed']}" if mine["failed"] or theirs["failed"] else ""),
                     flush=True,
                 )
