@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -92,9 +93,9 @@ def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = 
 
 
 @contextmanager
-def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(argv: list[str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         yield proc
     finally:
@@ -275,6 +276,13 @@ def print_report(summary: dict[str, object], names: list[str], image_bytes: int)
                 f"{r['cpu_us_per_chunk']:>8.1f}us"
             )
         print("  (CPU/chunk: the target's own processes — the upstream for direct — per SSE event relayed)")
+        if "baseline" in rows:
+            g, b = rows["gateway"], rows["baseline"]
+            print(
+                f"  this checkout vs baseline: TTFT p50 {g['ttft_p50_ms'] - b['ttft_p50_ms']:+.2f} ms, "
+                f"p99 {g['ttft_p99_ms'] - b['ttft_p99_ms']:+.2f} ms, "
+                f"relay rate {g['chunks_per_s'] / b['chunks_per_s']:.3f}x"
+            )
     img = summary["image_3mb"]
     assert isinstance(img, dict)
     print(f"\none request at a time with a {image_bytes / 1e6:.1f} MB PNG inline (TTFT p50)")
@@ -313,6 +321,13 @@ def main() -> int:
     ap.add_argument("--image-requests", type=int, default=6, help="3 MB image requests per target per round")
     ap.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1, like the gateway)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout (e.g. git worktree add DIR HEAD~1) whose gateway runs as a fourth target, 'baseline', "
+        "in the same alternating rounds: a code change measured side by side instead of across runs",
+    )
     args = ap.parse_args()
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
@@ -320,7 +335,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
         d = Path(tmp)
-        up_port, ng_port, gw_port = free_port(), free_port(), free_port()
+        up_port, ng_port, gw_port, base_port = free_port(), free_port(), free_port(), free_port()
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(workers=args.nginx_workers, dir=d, up_port=up_port, port=ng_port)
         )
@@ -331,23 +346,34 @@ def main() -> int:
         )  # fmt: skip
         key = out.stdout.strip().splitlines()[-1]
         upstream = [PY, str(ROOT / "bench" / "sse_upstream.py"), "--port", str(up_port)]
-        gateway = [PY, "-m", "appliance", "gateway", "--upstream", f"http://127.0.0.1:{up_port}",
-                   "--listen", f"127.0.0.1:{gw_port}", "--keys-file", str(keys), "--audit-log", str(d / "audit.jsonl"),
-                   "--max-inflight", "256", "--max-per-key", "256"]  # fmt: skip
-        with (
-            process(upstream, d / "upstream.log") as up_proc,
-            process([nginx, "-c", str(d / "nginx.conf"), "-g", "daemon off;"], d / "nginx.log") as ng_proc,
-            process(gateway, d / "gateway.log") as gw_proc,
-        ):
+
+        def gateway(port: int, name: str) -> list[str]:
+            return [PY, "-m", "appliance", "gateway", "--upstream", f"http://127.0.0.1:{up_port}",
+                    "--listen", f"127.0.0.1:{port}", "--keys-file", str(keys), "--audit-log", str(d / f"{name}.jsonl"),
+                    "--max-inflight", "256", "--max-per-key", "256"]  # fmt: skip
+
+        with contextlib.ExitStack() as stack:
+            up_proc = stack.enter_context(process(upstream, d / "upstream.log"))
+            ng_proc = stack.enter_context(
+                process([nginx, "-c", str(d / "nginx.conf"), "-g", "daemon off;"], d / "nginx.log")
+            )
+            gw_proc = stack.enter_context(process(gateway(gw_port, "gateway"), d / "gateway.log"))
             pids = {"direct": up_proc.pid, "nginx": ng_proc.pid, "gateway": gw_proc.pid}
-            wait_http(f"http://127.0.0.1:{up_port}/health")
-            wait_http(f"http://127.0.0.1:{ng_port}/health")
-            wait_http(f"http://127.0.0.1:{gw_port}/readyz")
             targets = {
                 "direct": f"http://127.0.0.1:{up_port}{CHAT}",
                 "nginx": f"http://127.0.0.1:{ng_port}{CHAT}",
                 "gateway": f"http://127.0.0.1:{gw_port}{CHAT}",
             }
+            if args.baseline:
+                # ``python -m appliance`` run from the other checkout imports that checkout's package.
+                base = stack.enter_context(process(gateway(base_port, "baseline"), d / "baseline.log", args.baseline))
+                pids["baseline"] = base.pid
+                targets["baseline"] = f"http://127.0.0.1:{base_port}{CHAT}"
+            wait_http(f"http://127.0.0.1:{up_port}/health")
+            wait_http(f"http://127.0.0.1:{ng_port}/health")
+            for name in ("gateway", "baseline"):
+                if name in targets:
+                    wait_http(targets[name].removesuffix(CHAT) + "/readyz")
             try:
                 import uvloop
 
