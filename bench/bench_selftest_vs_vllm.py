@@ -9,7 +9,8 @@ Starts vLLM (CPU build) serving the demo model, then alternates, ``--rounds`` ti
   (vLLM imported once) so its event loop never mixes with ours,
 
 and prints both TTFT p50s per round, their ratio, the median ratio, and the output tokens each side generated (the
-load must be the same: vLLM's benchmark sets ``ignore_eos`` for random prompts, and so does the self-test). Goal:
+load must be the same: vLLM's benchmark sets ``ignore_eos`` for random prompts, and so does the self-test) and the
+share of prompt tokens vLLM's prefix cache served (a side whose prompts shared prefixes would prefill less). Goal:
 within ±5 %.
 
 Usage: .venv/bin/python -m bench.bench_selftest_vs_vllm [--rounds 4] [--model-dir DIR]
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.demo_model import DEMO_MODEL_NAME, build_demo_model
@@ -130,6 +133,28 @@ class Ours:
         }
 
 
+def _prefix_cache(base_url: str) -> tuple[float, float]:
+    """vLLM's prefix-cache (hits, queries) counters, in tokens: a side whose prompts share more prefix prefills less."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback URL we built
+        text = resp.read().decode()
+    totals = {"vllm:prefix_cache_hits_total": 0.0, "vllm:prefix_cache_queries_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:prefix_cache_hits_total"], totals["vllm:prefix_cache_queries_total"]
+
+
+def _hit_rate(base_url: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run()``'s figures plus the prefix-cache hit rate (%) of the tokens it sent."""
+    h0, q0 = _prefix_cache(base_url)
+    out = run()
+    h1, q1 = _prefix_cache(base_url)
+    return out | {"hit": 100 * (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan")}  # nan: vLLM counted no query
+
+
 def _bootstrap_median_ci(values: list[float], n: int = 2000, level: float = 0.90) -> tuple[float, float]:
     """Percentile-bootstrap interval of the median (how sure the median ratio is on a noisy machine)."""
     import random
@@ -167,25 +192,27 @@ def main() -> None:
             )
             print(
                 f"{'round':>5} {'clinic-edge p50':>16} {'vllm bench p50':>15} {'ratio':>7} {'ours p99':>9} "
-                f"{'vllm p99':>9} {'output tokens (ours/vllm)':>26}"
+                f"{'vllm p99':>9} {'output tokens (ours/vllm)':>26} {'prefix-cache hits % (ours/vllm)':>32}"
             )
             ratios = []
             rows = []
             bench = VllmBench(launch.base_url, model_dir, work, args)
             mine_runner = Ours(launch.base_url, model_dir, args)
             for r in range(1, args.rounds + 1):
+                url = launch.base_url
                 if r % 2:
-                    theirs = bench.run(1000 + r)
-                    mine = mine_runner.run()
+                    theirs = _hit_rate(url, functools.partial(bench.run, 1000 + r))
+                    mine = _hit_rate(url, mine_runner.run)
                 else:
-                    mine = mine_runner.run()
-                    theirs = bench.run(1000 + r)
+                    mine = _hit_rate(url, mine_runner.run)
+                    theirs = _hit_rate(url, functools.partial(bench.run, 1000 + r))
                 ratio = mine["p50"] / theirs["p50"]
                 ratios.append(ratio)
                 rows.append((mine, theirs))
                 print(
                     f"{r:>5} {mine['p50']:>16.2f} {theirs['p50']:>15.2f} {ratio:>7.3f} {mine['p99']:>9.2f} "
-                    f"{theirs['p99']:>9.2f} {mine['out']:>13}/{theirs['out']:<12}"
+                    f"{theirs['p99']:>9.2f} {mine['out']:>13}/{theirs['out']:<12} "
+                    f"{mine['hit']:>17.1f}/{theirs['hit']:<14.1f}"
                     + (f"  failed: {mine['failed']}/{theirs['failed']}" if mine["failed"] or theirs["failed"] else ""),
                     flush=True,
                 )
