@@ -158,7 +158,16 @@ def _record(tl: RequestTimeline, data: bytes) -> None:
     error = None
     if chunk.kind == "error" and chunk.error is not None:
         error = str(chunk.error.get("message") or chunk.error)[:300]
-    tl.events.append(StreamEvent(t=t, kind=chunk.kind, has_content=bool(chunk.content), usage=chunk.usage, error=error))
+    tl.events.append(
+        StreamEvent(
+            t=t,
+            kind=chunk.kind,
+            has_content=bool(chunk.content),
+            usage=chunk.usage,
+            error=error,
+            has_reasoning=bool(chunk.reasoning),
+        )
+    )
 
 
 def _error_text(body: bytes) -> str:

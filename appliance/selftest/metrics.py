@@ -60,6 +60,7 @@ class StreamEvent:
     has_content: bool = False
     usage: Mapping[str, Any] | None = None
     error: str | None = None
+    has_reasoning: bool = False  # a reasoning model's thinking: output tokens, though not answer text
 
 
 @dataclass(slots=True)
@@ -106,7 +107,7 @@ def measure(tl: RequestTimeline) -> RequestMeasure:
     last: float | None = None
     itl: list[float] = []
     usage: Mapping[str, Any] | None = None
-    content_events = 0
+    token_events = 0
     error: str | None = None
     done = False
     for ev in tl.events:
@@ -117,10 +118,10 @@ def measure(tl: RequestTimeline) -> RequestMeasure:
                 assert last is not None
                 itl.append(ev.t - last)
             last = ev.t
-            if ev.has_content:
-                content_events += 1
-                if ttfc is None:
-                    ttfc = ev.t - tl.start
+            if ev.has_content or ev.has_reasoning:
+                token_events += 1
+            if ev.has_content and ttfc is None:
+                ttfc = ev.t - tl.start
         if ev.usage:
             usage = ev.usage
         if ev.kind == "error" and error is None:
@@ -136,8 +137,9 @@ def measure(tl: RequestTimeline) -> RequestMeasure:
     if error is None and not done:
         error = "the stream ended before data: [DONE]"
     completion = _int_or_none(usage.get("completion_tokens")) if usage else None
-    # vLLM falls back to re-tokenizing the text; we keep no text, and vLLM streams one token per content event.
-    output_tokens = completion if completion is not None else content_events
+    # vLLM falls back to re-tokenizing the text; we keep no text, and vLLM streams one token per event, answer or
+    # thinking alike.
+    output_tokens = completion if completion is not None else token_events
     return RequestMeasure(
         success=error is None,
         error=error,

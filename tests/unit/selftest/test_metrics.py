@@ -65,6 +65,19 @@ def test_without_usage_output_tokens_are_content_events() -> None:
     assert m.success and m.output_tokens == 3 and m.prompt_tokens is None
 
 
+def test_without_usage_a_reasoning_models_thinking_counts_as_output_tokens() -> None:
+    tl = _tl(
+        StreamEvent(T0 + 0.01, "role"),
+        StreamEvent(T0 + 0.02, "content", has_reasoning=True),
+        StreamEvent(T0 + 0.03, "content", has_reasoning=True),
+        StreamEvent(T0 + 0.04, "content", has_content=True),
+        StreamEvent(T0 + 0.041, "done"),
+    )
+    m = measure(tl)
+    assert m.success and m.output_tokens == 3 and m.ttfc == pytest.approx(0.04)
+    assert m.tpot == pytest.approx((0.04 - 0.01) / 2)
+
+
 def test_one_output_token_has_no_tpot() -> None:
     tl = _tl(
         StreamEvent(T0 + 0.01, "role"),
@@ -189,3 +202,5 @@ def test_reasoning_counts_for_ttft_but_the_answer_starts_ttfc() -> None:
     assert m.success
     assert m.ttft == pytest.approx(stamps[0] - T0)
     assert m.ttfc == pytest.approx(stamps[3] - T0)  # thinking is not the answer
+    del tl.events[4]  # a server that sends no usage: the thinking events count as output tokens too
+    assert measure(tl).output_tokens == 3
