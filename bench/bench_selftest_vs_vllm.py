@@ -13,7 +13,10 @@ load must be the same: vLLM's benchmark sets ``ignore_eos`` for random prompts, 
 share of prompt tokens vLLM's prefix cache served (a side whose prompts shared prefixes would prefill less). Goal:
 within ±5 %.
 
-Usage: .venv/bin/python -m bench.bench_selftest_vs_vllm [--rounds 4] [--model-dir DIR]
+Usage: .venv/bin/python -m bench.bench_selftest_vs_vllm [--rounds 4] [--model-dir DIR] [--our-prompts vllm]
+
+``--our-prompts vllm`` makes our side send vLLM's random-dataset prompts instead of the self-test's: a diagnostic
+that separates the prompts' effect from the clients'.
 """
 
 from __future__ import annotations
@@ -111,13 +114,41 @@ class VllmBench:
         self.proc.wait(timeout=60)
 
 
+class VllmPrompts(PromptMaker):
+    """vLLM's random-dataset prompts (random token ids, decoded), handed out in turn: a diagnostic, to tell the
+    prompts' effect from the clients' (``--our-prompts vllm``)."""
+
+    def __init__(self, model_dir: Path, input_len: int, output_len: int) -> None:
+        from vllm.benchmarks.datasets.datasets import RandomDataset
+        from vllm.tokenizers import get_tokenizer
+
+        super().__init__(load_tokenizer(model_dir))
+        self._vllm_tokenizer = get_tokenizer(str(model_dir))
+        self._dataset = RandomDataset(random_seed=7)
+        self._lens = (input_len, output_len)
+        self._queue: list[str] = []
+
+    def text(self, n_tokens: int, seed: int) -> str:
+        if not self._queue:
+            samples = self._dataset.sample(
+                tokenizer=self._vllm_tokenizer, num_requests=256, input_len=self._lens[0], output_len=self._lens[1]
+            )
+            self._queue = [str(s.prompt) for s in samples]
+        return self._queue.pop()
+
+
 class Ours:
     """Our single load point, run in this process through the self-test's own code path."""
 
     def __init__(self, url: str, model_dir: Path, args: argparse.Namespace) -> None:
         self.target = Target(url)
         self.args = args
-        self.work = Workload(model=DEMO_MODEL_NAME, prompts=PromptMaker(load_tokenizer(model_dir)))
+        prompts = (
+            VllmPrompts(model_dir, args.input_len, args.output_len)
+            if args.our_prompts == "vllm"
+            else PromptMaker(load_tokenizer(model_dir))
+        )
+        self.work = Workload(model=DEMO_MODEL_NAME, prompts=prompts)
         assert self.work.prompts.exact, "the demo model's tokenizer did not load"
         asyncio.run(warm_up(self.target, self.work))
 
@@ -173,6 +204,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument(
+        "--our-prompts",
+        choices=("selftest", "vllm"),
+        default="selftest",
+        help="what our side sends: the self-test's prompts (default) or vLLM's random-dataset prompts (diagnostic)",
+    )
     ap.add_argument(
         "--nice", type=int, default=0, help="change this process's (and its children's) niceness; < 0 needs root"
     )
