@@ -275,9 +275,10 @@ class Gateway:
         key, rec, started = self._keyed(conn, req, rid, "chat")
         if key is None:
             return None
+        chat = _Chat(conn, req, rid, rec, started, key)
         if self.admission.try_acquire(key):
-            return self._chat_admitted(_Chat(conn, req, rid, rec, started, key))
-        return asyncio.get_running_loop().create_task(self._chat_queued(_Chat(conn, req, rid, rec, started, key)))
+            return self._chat_admitted(chat)
+        return asyncio.get_running_loop().create_task(self._chat_queued(chat))
 
     async def _chat_queued(self, chat: _Chat) -> None:
         try:
@@ -336,8 +337,7 @@ class Gateway:
     def _chat_attempt(self, chat: _Chat) -> None:
         """Pick a replica and send to it over a kept-alive connection, or start connecting to it."""
         if chat.conn.closed:  # the workstation left before a retry
-            chat.rec.update(status=499, reason="client_disconnected")
-            self._chat_over(chat)
+            self._chat_gone(chat)
             return
         up = self.pool.pick(chat.tried) if chat.attempts < _MAX_ATTEMPTS else None
         chat.attempts += 1
@@ -368,15 +368,13 @@ class Gateway:
         except asyncio.CancelledError:
             chat.waiting = None
             up.inflight -= 1
-            chat.rec.update(status=499, reason="client_disconnected")
-            self._chat_over(chat)
+            self._chat_gone(chat)
             return
         chat.waiting = None
         if chat.conn.closed:
             up.inflight -= 1
             self.conns.release(upconn)
-            chat.rec.update(status=499, reason="client_disconnected")
-            self._chat_over(chat)
+            self._chat_gone(chat)
             return
         self._chat_send(chat, up, upconn, reused=False)
 
@@ -432,6 +430,11 @@ class Gateway:
                 self.pool.generation_ok(up)
             elif result.status >= 400:
                 rec["reason"] = "upstream_rejected"
+        self._chat_over(chat)
+
+    def _chat_gone(self, chat: _Chat) -> None:
+        """The workstation left before its request reached vLLM."""
+        chat.rec.update(status=499, reason="client_disconnected")
         self._chat_over(chat)
 
     def _chat_over(self, chat: _Chat) -> None:

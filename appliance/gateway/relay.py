@@ -42,6 +42,7 @@ __all__ = [
 
 _PROMPT_RE = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens":\s*(\d+)')
+_DONE = DONE_EVENT.rstrip()
 _STREAM_FAILED = sse_error_event(
     "The model server stopped in the middle of this answer; the answer is incomplete. Retry the request; if it "
     "keeps happening, check the appliance dashboard.",
@@ -284,12 +285,7 @@ class Relay:
     def on_complete(self) -> None:
         if self._streaming:
             self.flush()
-            tail = self._tail.rstrip()
-            if tail.endswith(DONE_EVENT.rstrip()):
-                self.result.complete = True
-                self.client.write(b"0\r\n\r\n")
-            else:
-                self._end_stream_with_error("upstream ended the stream without [DONE]")
+            self._end_stream("upstream ended the stream without [DONE]")
         else:
             body = b"".join(self.upstream.bodies)
             self.upstream.bodies.clear()
@@ -327,14 +323,22 @@ class Relay:
         self.upstream.sink = None
         self.upstream.close()  # vLLM aborts the request if it is still alive
         self.flush()
-        if self._tail.rstrip().endswith(DONE_EVENT.rstrip()):
-            # Only the closing empty chunk is missing: the workstation has the whole answer; end it cleanly.
+        self._end_stream(f"no data from upstream for {limit:g} s mid-stream (stalled)")
+        self._finish()
+        return True
+
+    def _delivered_done(self) -> bool:
+        """The workstation has the whole answer: the last bytes relayed to it end with ``data: [DONE]``."""
+        return self._streaming and self._tail.rstrip().endswith(_DONE)
+
+    def _end_stream(self, why: str) -> None:
+        """Close the chunked answer: cleanly after ``[DONE]`` (only vLLM's closing empty chunk was missing), else
+        with an error event; ``why`` is the failure the audit log and the pool see."""
+        if self._delivered_done():
             self.result.complete = True
             self.client.write(b"0\r\n\r\n")
         else:
-            self._end_stream_with_error(f"no data from upstream for {limit:g} s mid-stream (stalled)")
-        self._finish()
-        return True
+            self._end_stream_with_error(why)
 
     def _end_stream_with_error(self, why: str) -> None:
         self.result.failure = why
@@ -367,7 +371,7 @@ class Relay:
             self.upstream.transport.resume_reading()
 
     def client_gone(self) -> None:
-        if self._streaming and self._tail.rstrip().endswith(DONE_EVENT.rstrip()):
+        if self._delivered_done():
             # The workstation read the whole answer up to [DONE] and hung up before vLLM's closing empty chunk came
             # (the openai SDK closes the response at [DONE]): the answer was delivered, nothing was cut short.
             self.result.complete = True
