@@ -37,6 +37,7 @@ from appliance.demo_model import DEMO_MODEL_NAME, build_demo_model
 from appliance.selftest.client import Target
 from appliance.selftest.runner import Progress, Workload, plan_single, run_points, warm_up
 from appliance.selftest.workloads import PromptMaker, load_tokenizer
+from appliance.telemetry.vllm import parse_prometheus
 from appliance.vllm_server import VllmLaunch, VllmServer
 
 # A long-lived worker: imports vLLM once, then runs one `vllm bench serve` per line on stdin (the line is the seed).
@@ -170,12 +171,9 @@ def _prefix_cache(base_url: str) -> tuple[float, float]:
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback URL we built
         text = resp.read().decode()
-    totals = {"vllm:prefix_cache_hits_total": 0.0, "vllm:prefix_cache_queries_total": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["vllm:prefix_cache_hits_total"], totals["vllm:prefix_cache_queries_total"]
+    hits, queries = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
+    found = parse_prometheus(text, (hits, queries))
+    return sum(found.get(hits, [])), sum(found.get(queries, []))
 
 
 def _hit_rate(base_url: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
