@@ -137,7 +137,11 @@ class VllmServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                start_new_session=True,  # its own process group: stop() takes the engine core with it
+                # Its own process group, so stop() takes the engine core with it; but the caller's session. A new
+                # session is also a new scheduler autogroup, and with autogroups on (kernel.sched_autogroup_enabled=1,
+                # as on our CI machines) vLLM's engine core, which spins with sched_yield while it generates, starved
+                # other sessions' processes on a 2-core box: a client read nothing for ~1 s, then the whole answer.
+                process_group=0,
             )
 
     def log_tail(self, chars: int = 4000) -> str:
