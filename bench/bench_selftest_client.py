@@ -8,8 +8,11 @@ the server share CLOCK_MONOTONIC (``time.perf_counter``), so for every request:
     measured = the self-test's TTFT (start just before the POST → first event with choices)
     error    = measured − truth                          (sending + loopback + parsing: the client's cost)
 
-Rounds alternate our client (appliance.selftest.client.stream_chat, the code the self-test runs) and vLLM's own
-request function (``vllm bench serve``'s), when vLLM is installed, so both face the same machine state.
+Rounds alternate our client (appliance.selftest.client.stream_chat, the code the self-test runs), vLLM's own
+request function (``vllm bench serve``'s), when vLLM is installed, and a floor: the least a Python client can do
+(one kept-alive connection per stream, the clock read right before the request's single write and again in the
+callback that receives the first event, nothing else). What the floor still shows is this machine's scheduling and
+the upstream's own latency in reading a request; a client's distortion is its error minus the floor's.
 
 Usage: .venv/bin/python -m bench.bench_selftest_client [--streams 64] [--requests 512] [--rounds 3]
 """
@@ -28,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import httptools
 
 from appliance.selftest.client import Target, make_session, open_connections, stream_chat
 from appliance.selftest.metrics import measure, percentile
@@ -73,6 +77,67 @@ async def _vllms(url: str, keys: list[str], streams: int, max_tokens: int) -> Me
                 out[key] = (res.start_time, res.ttft)
 
         await asyncio.gather(*(asyncio.create_task(one(k)) for k in keys))
+    return out
+
+
+class _FloorConnection(asyncio.Protocol):
+    """One keep-alive connection that stamps the first event with choices in the callback that receives it."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[float | None] | None = None
+        self.first: float | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.first is None and b'"choices":[{' in data:
+            self.first = now
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(self.first)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def send(self, request: bytes) -> tuple[float, asyncio.Future[float | None]]:
+        assert self.transport is not None
+        self.first = None
+        self.done = asyncio.get_running_loop().create_future()
+        start = time.perf_counter()
+        self.transport.write(request)
+        return start, self.done
+
+
+async def _floor(url: str, keys: list[str], streams: int, max_tokens: int) -> Measured:
+    host, port = url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    idle: asyncio.Queue[_FloorConnection] = asyncio.Queue()
+    for _ in range(streams):
+        idle.put_nowait((await loop.create_connection(_FloorConnection, host, int(port)))[1])
+    out: Measured = {}
+
+    async def one(key: str) -> None:
+        conn = await idle.get()
+        body = json.dumps(chat_request("upstream", [{"role": "user", "content": key}], max_tokens=max_tokens)).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
+        start, done = conn.send(head + b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        first = await done
+        if first is not None:
+            out[key] = (start, first - start)
+        idle.put_nowait(conn)
+
+    await asyncio.gather(*(asyncio.create_task(one(k)) for k in keys))
+    while not idle.empty():
+        conn = idle.get_nowait()
+        if conn.transport is not None:
+            conn.transport.close()
     return out
 
 
@@ -130,7 +195,7 @@ def main() -> None:
         assert server.stdout is not None
         port = int(server.stdout.readline().split()[1])
         url = f"http://127.0.0.1:{port}"
-        clients: dict[str, ClientFn] = {"clinic-edge": (_ours, False)}
+        clients: dict[str, ClientFn] = {"clinic-edge": (_ours, False), "floor": (_floor, False)}
         if args.uvloop:
             clients["clinic-edge on uvloop"] = (_ours, True)
         try:
@@ -186,10 +251,15 @@ def main() -> None:
             s50, _ = _stats(sends[name])
             e50, _ = _stats(errors[name])
             print(f"{name}: error p50 split: sending {s50:.3f} ms (start → request read), receiving {e50 - s50:.3f} ms")
+        floor = statistics.median(errors["floor"])
+        for n in clients:
+            if n != "floor":
+                over = statistics.median(errors[n]) - floor
+                print(f"{n}: error p50 over the floor's: {over:+.3f} ms (what this client itself adds)")
         if "vllm bench serve" in clients:
             theirs = statistics.median(errors["vllm bench serve"])
             for n in clients:
-                if n != "vllm bench serve":
+                if n not in ("vllm bench serve", "floor"):
                     ours = statistics.median(errors[n])
                     print(f"error p50, {n} vs vLLM's client: {ours:.3f} vs {theirs:.3f} ms (ratio {ours / theirs:.2f})")
     finally:
