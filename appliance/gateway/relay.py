@@ -11,6 +11,7 @@ Failures:
 * connection refused before anything was sent → :class:`UpstreamUnavailableError` (the caller tries another
   replica, then answers 503);
 * the upstream stops in the middle of a stream → an SSE error event and ``[DONE]`` (the 200 is already sent);
+  when it stops after ``[DONE]`` (only the closing empty chunk is lost), the answer was complete and just ends;
 * the upstream goes silent in the middle of a stream (a hung engine) → the same, once :meth:`Relay.check_stall` has
   seen no byte for ``stall_timeout`` (the gateway's watchdog calls it every few seconds; nothing per chunk);
 * the workstation disconnects → the upstream connection is closed, which makes vLLM abort the generation;
@@ -304,7 +305,7 @@ class Relay:
             return
         if self._streaming:
             self.flush()
-            self._end_stream_with_error("upstream stopped mid-stream (connection lost)")
+            self._end_stream("upstream stopped mid-stream (connection lost)")
             self._finish()
         elif not got_response:
             self._finish(UpstreamUnavailableError("the connection closed before an answer"))
@@ -338,11 +339,8 @@ class Relay:
             self.result.complete = True
             self.client.write(b"0\r\n\r\n")
         else:
-            self._end_stream_with_error(why)
-
-    def _end_stream_with_error(self, why: str) -> None:
-        self.result.failure = why
-        self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED))
+            self.result.failure = why
+            self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED))
 
     def _timeout(self) -> None:
         self._timer = None

@@ -64,6 +64,10 @@ async def _upstream(script: Script, port: int) -> web.AppRunner:
                     await asyncio.sleep(30)  # a hung engine: the connection stays open, nothing more comes
                 await asyncio.sleep(0.01)
             await resp.write(b"data: [DONE]\n\n")
+            if "cut-after-done" in json.dumps(body):  # the connection drops before the closing empty chunk
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
             if "linger" in json.dumps(body):
                 await asyncio.sleep(1)  # the closing empty chunk comes late; the client has hung up by then
             await resp.write_eof()
@@ -186,6 +190,19 @@ async def test_upstream_dies_mid_stream(env: Env) -> None:
     assert kinds == ["error", "done"]
     error = classify(events[4]).error
     assert error is not None and error["code"] == "upstream_stream_failed"
+
+
+async def test_upstream_lost_after_done_is_a_complete_answer(env: Env) -> None:
+    # Everything up to [DONE] arrived; only vLLM's closing empty chunk was lost with the connection. The workstation
+    # has its whole answer: no error event after [DONE], and the replica is not blamed for a failed stream.
+    events = await _post_events(env, _body(messages=[{"role": "user", "content": "cut-after-done"}]))
+    assert events == [*EVENTS, b"[DONE]"]
+    for _ in range(100):
+        if env.audit.exists() and env.audit.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    rec = json.loads(env.audit.read_text().splitlines()[-1])
+    assert (rec["status"], rec.get("reason"), rec["completion_tokens"]) == (200, None, 20)
 
 
 async def test_a_stream_that_stalls_is_ended_with_an_error_event(env: Env) -> None:
