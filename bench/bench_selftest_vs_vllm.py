@@ -8,10 +8,10 @@ Starts vLLM (CPU build) serving the demo model, then alternates, ``--rounds`` ti
   --random-input-len 64 --random-output-len 32 --num-prompts 64 --max-concurrency 8``), in a long-lived subprocess
   (vLLM imported once) so its event loop never mixes with ours,
 
-and prints both TTFT p50s per round, their ratio, the median ratio, and the output tokens each side generated (the
-load must be the same: vLLM's benchmark sets ``ignore_eos`` for random prompts, and so does the self-test) and the
-share of prompt tokens vLLM's prefix cache served (a side whose prompts shared prefixes would prefill less), the
-prompt tokens vLLM counted, and the CPU time each client spent. Goal: within ±5 %.
+and prints both TTFT p50s per round, their ratio and the median ratio. Beside them, per side, what shows that the
+loads were the same: the prompt and output tokens vLLM counted (vLLM's benchmark sets ``ignore_eos`` for random
+prompts, and so does the self-test), the share of prompt tokens vLLM's prefix cache served (a side whose prompts
+shared prefixes would prefill less), and the CPU time each client spent. Goal: within ±5 %.
 
 vLLM runs on all CPUs but the last, the clients on the last one (``--no-pin`` lets them share). On a 2-core machine
 vLLM's worker takes one core and everything else shares the other; sharing it, the client that costs less CPU (ours:

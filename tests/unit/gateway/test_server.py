@@ -183,6 +183,15 @@ async def _post_events(env: Env, body: dict[str, object]) -> list[bytes]:
         return await asyncio.wait_for(_events(resp), 10)
 
 
+async def _last_audit_record(env: Env) -> dict[str, object]:
+    """The newest audit line, once there is one (the gateway writes it when the request is over; up to 2 s)."""
+    for _ in range(100):
+        if env.audit.exists() and env.audit.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    return json.loads(env.audit.read_text().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 async def test_upstream_dies_mid_stream(env: Env) -> None:
     events = await _post_events(env, _body(die=True))
     assert events[:4] == EVENTS[:4]
@@ -197,11 +206,7 @@ async def test_upstream_lost_after_done_is_a_complete_answer(env: Env) -> None:
     # has its whole answer: no error event after [DONE], and the replica is not blamed for a failed stream.
     events = await _post_events(env, _body(messages=[{"role": "user", "content": "cut-after-done"}]))
     assert events == [*EVENTS, b"[DONE]"]
-    for _ in range(100):
-        if env.audit.exists() and env.audit.read_text().strip():
-            break
-        await asyncio.sleep(0.02)
-    rec = json.loads(env.audit.read_text().splitlines()[-1])
+    rec = await _last_audit_record(env)
     assert (rec["status"], rec.get("reason"), rec["completion_tokens"]) == (200, None, 20)
 
 
@@ -244,11 +249,7 @@ async def test_client_that_hangs_up_after_done_got_a_complete_answer(env: Env) -
         while b"[DONE]" not in events:
             events += parser.feed(await resp.content.readany())
         resp.close()
-    for _ in range(100):
-        if env.audit.exists() and env.audit.read_text().strip():
-            break
-        await asyncio.sleep(0.02)
-    rec = json.loads(env.audit.read_text().splitlines()[-1])
+    rec = await _last_audit_record(env)
     assert (rec["status"], rec.get("reason")) == (200, None)
 
 
