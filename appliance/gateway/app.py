@@ -11,6 +11,7 @@ A chat request goes: key → admission → validation (see :mod:`validate`) → 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
@@ -116,6 +117,9 @@ class Gateway:
         self.relays: set[Relay] = set()  # streams in flight, for the stall watchdog
         self._watchdog: asyncio.Task[None] | None = None
         self._retry_after = (b"retry-after", str(cfg.retry_after_s).encode())
+        # Request ids: 16 hex digits, random per gateway start and then counted (no system call per request).
+        self._rid_prefix = os.urandom(4).hex()
+        self._rid_seq = itertools.count()
         auth = f"authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
         self._upstream_head = {}
         for up in self.pool.upstreams:
@@ -146,22 +150,24 @@ class Gateway:
             self.audit.close()
 
     async def _watch_stalls(self) -> None:
-        """End streams whose vLLM went silent mid-answer (a hung engine), checking a few times per stall timeout."""
+        """End requests vLLM left without a first byte for ``first_byte_timeout_s``, and streams it left silent
+        mid-answer (a hung engine) for ``stall_timeout_s``; checking a few times per timeout."""
         limit = self.cfg.stall_timeout_s
+        interval = min(max(min(limit, self.cfg.first_byte_timeout_s) / 4, 0.05), 5.0)
         while True:
-            await asyncio.sleep(min(max(limit / 4, 0.05), 5.0))
+            await asyncio.sleep(interval)
             self._check_stalls(time.monotonic(), limit)
 
     def _check_stalls(self, now: float, limit: float) -> None:
         # A function of its own: a loop variable in the watchdog's frame would keep the last relay alive.
         for relay in list(self.relays):
-            relay.check_stall(now, limit)
+            relay.check_timeouts(now, limit)
 
     # --- dispatch -----------------------------------------------------------------------------------------------
 
     def handle(self, conn: ClientConnection, req: Request) -> Pending | None:
         """Answer one request (the connection's handler): None when answered, else a future that resolves then."""
-        rid = os.urandom(8).hex()
+        rid = f"{self._rid_prefix}{next(self._rid_seq) & 0xFFFFFFFF:08x}"
         path, method = req.path, req.method
         if path == CHAT_PATH and method == "POST":
             return self._chat(conn, req, rid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +24,16 @@ from typing import Any, Protocol
 
 import httptools
 
-__all__ = ["ClientConnection", "Completion", "FlowTarget", "Pending", "Request", "response_head"]
+__all__ = [
+    "ClientConnection",
+    "Completion",
+    "FlowTarget",
+    "Pending",
+    "Request",
+    "close_expired",
+    "response_head",
+    "watch_deadlines",
+]
 
 _BIG_BODY = 256 * 1024
 IDLE_TIMEOUT = 30.0  # a kept-alive connection with no new request is closed after this
@@ -121,18 +131,25 @@ class ClientConnection(asyncio.Protocol):
         self.max_body = max_body
         self.tracker = tracker
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.relay: FlowTarget | None = None  # set while upstream bytes flow to this client
         self.task: Pending | None = None  # the request being answered, when it is not over yet
         self._pending: deque[Request] = deque()
-        self._url = b""
+        # httptools calls on_url and on_header for every piece; pointing them at C methods keeps those calls out of
+        # the interpreter (names are lower-cased once, when the headers are complete).
+        self._url: list[bytes] = []
+        self.on_url = self._url.append
+        self._raw_headers: dict[bytes, bytes] = {}
+        self.on_header = self._raw_headers.__setitem__
         self._headers: dict[bytes, bytes] = {}
         self._chunks: list[bytes] = []
         self._big: bytearray | None = None
         self._size = 0
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        # When this connection is closed unless something happens: idle between requests, or too slow sending one.
+        # watch_deadlines() checks every connection a few times a second (no timer per request).
+        self.deadline = 0.0
+        self.parser = httptools.HttpRequestParser(self)  # last: it looks up the on_* callbacks once, here
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------------------
 
@@ -142,10 +159,8 @@ class ClientConnection(asyncio.Protocol):
         self._arm(IDLE_TIMEOUT)
 
     def _arm(self, seconds: float | None) -> None:
-        """(Re)start the connection's timer: idle between requests, or reading one request."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self.close) if seconds else None
+        """(Re)set the connection's deadline: idle between requests, or reading one request; None: no deadline."""
+        self.deadline = time.monotonic() + seconds if seconds else 0.0
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -190,19 +205,14 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.task is None:
             self._arm(REQUEST_TIMEOUT)
-        self._url = b""
-        self._headers = {}
+        self._url.clear()
+        self._raw_headers.clear()
         self._chunks = []
         self._big = None
         self._size = 0
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
-
     def on_headers_complete(self) -> None:
+        self._headers = {name.lower(): value for name, value in self._raw_headers.items()}
         if self._headers.get(b"expect", b"").lower() == b"100-continue":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a big body
         length = self._headers.get(b"content-length", b"")
@@ -233,7 +243,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._big = None
-        path = self._url.split(b"?", 1)[0].decode("latin-1")
+        path = b"".join(self._url).split(b"?", 1)[0].decode("latin-1")
         req = Request(
             method=self.parser.get_method().decode("latin-1"),
             path=path,
@@ -303,6 +313,20 @@ class ClientConnection(asyncio.Protocol):
     def paused(self) -> bool:
         """True while the client's socket buffer is full."""
         return self._paused
+
+
+def close_expired(connections: set[ClientConnection], now: float) -> None:
+    """Close the connections whose deadline has passed."""
+    for conn in [c for c in connections if 0.0 < c.deadline < now]:
+        conn.deadline = 0.0
+        conn.close()
+
+
+async def watch_deadlines(connections: set[ClientConnection]) -> None:
+    """Close idle and too-slow connections, checking a few times per timeout (runs until cancelled)."""
+    while True:
+        await asyncio.sleep(min(IDLE_TIMEOUT, REQUEST_TIMEOUT, 4.0) / 4)
+        close_expired(connections, time.monotonic())
 
 
 def cancel_all(connections: set[ClientConnection]) -> None:

@@ -12,10 +12,11 @@ Failures:
   replica, then answers 503);
 * the upstream stops in the middle of a stream → an SSE error event and ``[DONE]`` (the 200 is already sent);
   when it stops after ``[DONE]`` (only the closing empty chunk is lost), the answer was complete and just ends;
-* the upstream goes silent in the middle of a stream (a hung engine) → the same, once :meth:`Relay.check_stall` has
-  seen no byte for ``stall_timeout`` (the gateway's watchdog calls it every few seconds; nothing per chunk);
+* the upstream goes silent in the middle of a stream (a hung engine) → the same, once :meth:`Relay.check_timeouts`
+  has seen no byte for ``stall_timeout`` (the gateway's watchdog calls it every few seconds; nothing per chunk);
 * the workstation disconnects → the upstream connection is closed, which makes vLLM abort the generation;
-* no answer within ``first_byte_timeout`` → the upstream connection is closed and the caller answers 504.
+* no answer within ``first_byte_timeout`` → the upstream connection is closed and the caller answers 504 (the same
+  watchdog sees it: no timer per request).
 """
 
 from __future__ import annotations
@@ -225,7 +226,6 @@ class Relay:
         first_byte_timeout: float,
         on_done: Callable[[Exception | None], None],
     ) -> None:
-        loop = asyncio.get_running_loop()
         self.client = client
         self.upstream = upstream
         self.result = result
@@ -237,17 +237,16 @@ class Relay:
         self._head = b""
         self._write = client.write
         self._ctype = b""
-        self._tail = b""
-        self._timer: asyncio.TimerHandle | None = loop.call_later(first_byte_timeout, self._timeout)
+        self._tail = b""  # the last piece relayed and the one before (their end is checked for [DONE])
+        self._before_tail = b""
+        self._first_byte_deadline = time.monotonic() + first_byte_timeout  # 0.0 once the answer has begun
         self.reads = 0  # upstream reads relayed; the stall watchdog compares it between its rounds
         self._watch = (-1, 0.0)  # (reads, monotonic time) when the watchdog last saw a change
 
     # --- upstream side ----------------------------------------------------------------------------------------------
 
     def on_headers(self, status: int, ctype: bytes) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._first_byte_deadline = 0.0
         self.result.status = status
         self._ctype = ctype
         if status == 200 and ctype.startswith(b"text/event-stream"):
@@ -279,9 +278,9 @@ class Relay:
             self.result.ttfb = time.perf_counter()
         self._write(b"%b%x\r\n%b\r\n" % (self._head, len(data), data))
         self._head = b""
-        if b'"prompt_tokens"' in data:
+        if data.find(b'"prompt_tokens"') >= 0:  # not ``in``: bytes' ``in`` first tries (and fails) the needle as an int
             _tokens(self.result, data)
-        self._tail = data[-64:]
+        self._before_tail, self._tail = self._tail, data
 
     def on_complete(self) -> None:
         if self._streaming:
@@ -312,9 +311,15 @@ class Relay:
         else:
             self._finish(UpstreamUnavailableError("the connection closed in the middle of the answer"))
 
-    def check_stall(self, now: float, limit: float) -> bool:
-        """End a started stream that brought no byte for ``limit`` seconds (the watchdog calls this). True if ended."""
-        if not self._streaming or self.finished:
+    def check_timeouts(self, now: float, limit: float) -> bool:
+        """End a request with no answer by its first-byte deadline, or a started stream that brought no byte for
+        ``limit`` seconds (the watchdog calls this every few seconds). True if it ended it."""
+        if self.finished:
+            return False
+        if self._first_byte_deadline and now >= self._first_byte_deadline:
+            self._timeout()
+            return True
+        if not self._streaming:
             return False
         if self.reads != self._watch[0]:
             self._watch = (self.reads, now)
@@ -330,7 +335,7 @@ class Relay:
 
     def _delivered_done(self) -> bool:
         """The workstation has the whole answer: the last bytes relayed to it end with ``data: [DONE]``."""
-        return self._streaming and self._tail.rstrip().endswith(_DONE)
+        return self._streaming and (self._before_tail[-64:] + self._tail[-64:]).rstrip().endswith(_DONE)
 
     def _end_stream(self, why: str) -> None:
         """Close the chunked answer: cleanly after ``[DONE]`` (only vLLM's closing empty chunk was missing), else
@@ -343,15 +348,12 @@ class Relay:
             self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED))
 
     def _timeout(self) -> None:
-        self._timer = None
+        self._first_byte_deadline = 0.0
         self.upstream.sink = None
         self.upstream.close()
         self._finish(UpstreamTimeoutError())
 
     def _finish(self, exc: Exception | None = None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self.finished:
             return
         self.finished = True

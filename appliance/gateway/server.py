@@ -9,7 +9,7 @@ import sys
 
 from appliance.gateway.app import Gateway
 from appliance.gateway.config import GatewayConfig
-from appliance.gateway.http11 import ClientConnection, cancel_all
+from appliance.gateway.http11 import ClientConnection, cancel_all, watch_deadlines
 
 __all__ = ["run", "serve"]
 
@@ -44,6 +44,7 @@ async def serve(cfg: GatewayConfig, started: asyncio.Event | None = None) -> Non
     except BaseException:
         await gateway.shutdown()  # the audit log and the health loop's session, opened above
         raise
+    deadlines = asyncio.create_task(watch_deadlines(connections), name="clinic-edge-connection-deadlines")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -62,6 +63,7 @@ async def serve(cfg: GatewayConfig, started: asyncio.Event | None = None) -> Non
         deadline = loop.time() + DRAIN_SECONDS
         while any(c.task is not None for c in connections) and loop.time() < deadline:
             await asyncio.sleep(0.1)
+        deadlines.cancel()
         cancel_all(connections)
         await gateway.shutdown()
 
