@@ -58,7 +58,7 @@ def _error_doc(status: int, code: str, message: str, param: str | None = None) -
     return json.dumps(error_body(message, type_=type_, code=code, param=param), separators=(",", ":")).encode()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Chat:
     """One chat request on its way through the callbacks."""
 

@@ -51,7 +51,7 @@ def response_head(status: int, headers: list[tuple[bytes, bytes]], *, close: boo
     return b"".join(parts)
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """One parsed request; ``body`` is empty and ``too_large`` the size seen when it exceeded the limit."""
 

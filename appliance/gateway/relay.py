@@ -64,7 +64,7 @@ class UpstreamTimeoutError(Exception):
     """The upstream sent nothing within the first-byte timeout."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     """What happened, for the audit log and the pool."""
 
@@ -261,31 +261,34 @@ class Relay:
             if self.client.paused:
                 self.pause()
 
-    def flush(self) -> None:
-        """Send what the last read from vLLM brought (``upstream.bodies``) as one HTTP chunk."""
-        bodies = self.upstream.bodies
+    def flush(self, ending: str | None = None) -> None:
+        """Send what the last read from vLLM brought (``upstream.bodies``) as one HTTP chunk (with the response head
+        before it if that is not sent yet). With ``ending`` (the failure to report if the answer did not reach
+        ``[DONE]``), close the chunked answer in the same write."""
         if not self._streaming:
             return
-        if not bodies:
-            if self._head:
-                self._write(self._head)
-                self._head = b""
-            return
-        data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
-        bodies.clear()
-        self.reads += 1
-        if self.result.ttfb is None:
-            self.result.ttfb = time.perf_counter()
-        self._write(b"%b%x\r\n%b\r\n" % (self._head, len(data), data))
+        bodies = self.upstream.bodies
+        if bodies:
+            data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
+            bodies.clear()
+            self.reads += 1
+            if self.result.ttfb is None:
+                self.result.ttfb = time.perf_counter()
+            out = b"%b%x\r\n%b\r\n" % (self._head, len(data), data)
+            if data.find(b'"prompt_tokens"') >= 0:  # not ``in``: bytes' ``in`` first tries the needle as an int
+                _tokens(self.result, data)
+            self._before_tail, self._tail = self._tail, data
+        else:
+            out = self._head
         self._head = b""
-        if data.find(b'"prompt_tokens"') >= 0:  # not ``in``: bytes' ``in`` first tries (and fails) the needle as an int
-            _tokens(self.result, data)
-        self._before_tail, self._tail = self._tail, data
+        if ending is not None:
+            self.client.write(out + self._last_chunk(ending))
+        elif out:
+            self._write(out)
 
     def on_complete(self) -> None:
         if self._streaming:
-            self.flush()
-            self._end_stream("upstream ended the stream without [DONE]")
+            self.flush("upstream ended the stream without [DONE]")
         else:
             body = b"".join(self.upstream.bodies)
             self.upstream.bodies.clear()
@@ -303,8 +306,7 @@ class Relay:
         if self.finished:
             return
         if self._streaming:
-            self.flush()
-            self._end_stream("upstream stopped mid-stream (connection lost)")
+            self.flush("upstream stopped mid-stream (connection lost)")
             self._finish()
         elif not got_response:
             self._finish(UpstreamUnavailableError("the connection closed before an answer"))
@@ -328,8 +330,7 @@ class Relay:
             return False
         self.upstream.sink = None
         self.upstream.close()  # vLLM aborts the request if it is still alive
-        self.flush()
-        self._end_stream(f"no data from upstream for {limit:g} s mid-stream (stalled)")
+        self.flush(f"no data from upstream for {limit:g} s mid-stream (stalled)")
         self._finish()
         return True
 
@@ -337,15 +338,14 @@ class Relay:
         """The workstation has the whole answer: the last bytes relayed to it end with ``data: [DONE]``."""
         return self._streaming and (self._before_tail[-64:] + self._tail[-64:]).rstrip().endswith(_DONE)
 
-    def _end_stream(self, why: str) -> None:
-        """Close the chunked answer: cleanly after ``[DONE]`` (only vLLM's closing empty chunk was missing), else
-        with an error event; ``why`` is the failure the audit log and the pool see."""
+    def _last_chunk(self, why: str) -> bytes:
+        """What closes the chunked answer: the empty chunk after ``[DONE]`` (only vLLM's own was missing), else an
+        error event first; ``why`` is the failure the audit log and the pool see."""
         if self._delivered_done():
             self.result.complete = True
-            self.client.write(b"0\r\n\r\n")
-        else:
-            self.result.failure = why
-            self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED))
+            return b"0\r\n\r\n"
+        self.result.failure = why
+        return b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED)
 
     def _timeout(self) -> None:
         self._first_byte_deadline = 0.0
