@@ -15,6 +15,7 @@ from cryptography import x509
 from appliance.cli import main
 from appliance.errors import UsageError
 from appliance.gateway.admission import Admission
+from appliance.gateway.audit import AuditLog
 from appliance.gateway.config import GatewayConfig, check_config, load_config_file
 from appliance.keys import KeyStore, add_key, hash_key, revoke_key
 from appliance.tls import ensure_tls
@@ -157,3 +158,22 @@ def test_keys_file_written_atomically_keeps_mode(tmp_path: Path) -> None:
     add_key(keys, "two")
     assert stat.S_IMODE(keys.stat().st_mode) == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keys-")]
+
+
+@pytest.mark.asyncio
+async def test_audit_lines_of_one_loop_turn_are_written_together(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(3):
+        log.write({"time": 1_700_000_000 + i, "request_id": f"r{i}", "route": "chat", "status": 200,
+                   "prompt": "never written"})  # fmt: skip
+    assert path.read_text() == ""  # queued until the end of this turn of the loop
+    await asyncio.sleep(0)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["request_id"], r["time"]) for r in lines] == [
+        ("r0", "2023-11-14T22:13:20Z"), ("r1", "2023-11-14T22:13:21Z"), ("r2", "2023-11-14T22:13:22Z")
+    ]  # fmt: skip
+    assert "prompt" not in lines[0] and "never written" not in path.read_text()
+    log.write({"request_id": "last", "route": "chat"})
+    log.close()  # writes what is still queued
+    assert json.loads(path.read_text().splitlines()[-1])["request_id"] == "last"

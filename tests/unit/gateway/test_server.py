@@ -63,8 +63,14 @@ async def _upstream(script: Script, port: int) -> web.AppRunner:
                 if hang and i == 3:
                     await asyncio.sleep(30)  # a hung engine: the connection stays open, nothing more comes
                 await asyncio.sleep(0.01)
-            await resp.write(b"data: [DONE]\n\n")
+            if "split-done" in json.dumps(body):  # [DONE] in two HTTP chunks, two reads apart
+                await resp.write(b"data: [DO")
+                await asyncio.sleep(0.02)
+                await resp.write(b"NE]\n\n")
+            else:
+                await resp.write(b"data: [DONE]\n\n")
             if "cut-after-done" in json.dumps(body):  # the connection drops before the closing empty chunk
+                await asyncio.sleep(0.05)  # once the gateway has read [DONE]: a reset can discard unread bytes
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
@@ -208,6 +214,15 @@ async def test_upstream_lost_after_done_is_a_complete_answer(env: Env) -> None:
     assert events == [*EVENTS, b"[DONE]"]
     rec = await _last_audit_record(env)
     assert (rec["status"], rec.get("reason"), rec["completion_tokens"]) == (200, None, 20)
+
+
+async def test_done_split_over_two_reads_still_counts_as_delivered(env: Env) -> None:
+    # The same, with "data: [DONE]" cut in two by the upstream's writes: the end is checked over the last two pieces.
+    body = _body(messages=[{"role": "user", "content": "split-done cut-after-done"}])
+    events = await _post_events(env, body)
+    assert events == [*EVENTS, b"[DONE]"]
+    rec = await _last_audit_record(env)
+    assert (rec["status"], rec.get("reason")) == (200, None)
 
 
 async def test_a_stream_that_stalls_is_ended_with_an_error_event(env: Env) -> None:
