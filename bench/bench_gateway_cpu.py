@@ -87,10 +87,10 @@ async def _measure(chunks: int, requests: int, repeats: int) -> list[float]:
     usage = up_bytes._event({"id": "x", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": chunks}})
     reads = [up_bytes.SSE_HEAD + up_bytes.ROLE, *[up_bytes.TOKEN] * (chunks - 1), up_bytes.LAST + usage + up_bytes.DONE]
 
+    upstream.reusable = True
+    gateway.conns.release(upstream)  # kept alive: every request takes it, and the gateway gives it back when done
+
     async def one() -> None:
-        if not gateway.conns._idle.get(url):
-            upstream.idle_since = time.monotonic()
-            gateway.conns._idle.setdefault(url, []).append(upstream)
         client.data_received(request)
         for data in reads:
             upstream.data_received(data)
