@@ -1,10 +1,12 @@
 """Benchmark: what the gateway adds to time-to-first-token and relay rate, side by side with nginx, in one run.
 
-Three targets in front of one deterministic SSE upstream (bench/sse_upstream.py: a role chunk at once, then 32
+Four targets in front of one deterministic SSE upstream (bench/sse_upstream.py: a role chunk at once, then 32
 chunks 2 ms apart, like the reference measurements):
 
   direct   the upstream itself
   nginx    nginx with proxy_buffering off, HTTP/1.1 keep-alive to the upstream (the yardstick)
+  floor    bench/tcp_relay.py: a byte-for-byte TCP relay on uvloop with no checks at all, the least any Python
+           relay costs (gateway minus floor is the cost of the gateway's own work; floor minus nginx is Python's)
   gateway  clinic-edge gateway (plain HTTP on loopback, a real keys file and audit log)
 
 Rounds alternate the targets (the order rotates every round) so that drift on a shared machine hits all alike.
@@ -335,7 +337,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
         d = Path(tmp)
-        up_port, ng_port, gw_port, base_port = free_port(), free_port(), free_port(), free_port()
+        up_port, ng_port, gw_port, base_port, floor_port = (free_port() for _ in range(5))
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(workers=args.nginx_workers, dir=d, up_port=up_port, port=ng_port)
         )
@@ -357,11 +359,15 @@ def main() -> int:
             ng_proc = stack.enter_context(
                 process([nginx, "-c", str(d / "nginx.conf"), "-g", "daemon off;"], d / "nginx.log")
             )
+            floor = [PY, str(ROOT / "bench" / "tcp_relay.py"), "--port", str(floor_port), "--upstream-port",
+                     str(up_port)]  # fmt: skip
+            floor_proc = stack.enter_context(process(floor, d / "floor.log"))
             gw_proc = stack.enter_context(process(gateway(gw_port, "gateway"), d / "gateway.log"))
-            pids = {"direct": up_proc.pid, "nginx": ng_proc.pid, "gateway": gw_proc.pid}
+            pids = {"direct": up_proc.pid, "nginx": ng_proc.pid, "floor": floor_proc.pid, "gateway": gw_proc.pid}
             targets = {
                 "direct": f"http://127.0.0.1:{up_port}{CHAT}",
                 "nginx": f"http://127.0.0.1:{ng_port}{CHAT}",
+                "floor": f"http://127.0.0.1:{floor_port}{CHAT}",
                 "gateway": f"http://127.0.0.1:{gw_port}{CHAT}",
             }
             if args.baseline:
@@ -371,6 +377,7 @@ def main() -> int:
                 targets["baseline"] = f"http://127.0.0.1:{base_port}{CHAT}"
             wait_http(f"http://127.0.0.1:{up_port}/health")
             wait_http(f"http://127.0.0.1:{ng_port}/health")
+            wait_http(f"http://127.0.0.1:{floor_port}/health")
             for name in ("gateway", "baseline"):
                 if name in targets:
                     wait_http(targets[name].removesuffix(CHAT) + "/readyz")
