@@ -327,7 +327,7 @@ def main() -> int:
         "--baseline",
         type=Path,
         metavar="DIR",
-        help="another checkout (e.g. git worktree add DIR HEAD~1) whose gateway runs as a fourth target, 'baseline', "
+        help="another checkout (e.g. git worktree add DIR HEAD~1) whose gateway runs as a further target, 'baseline', "
         "in the same alternating rounds: a code change measured side by side instead of across runs",
     )
     args = ap.parse_args()
