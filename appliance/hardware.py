@@ -5,15 +5,23 @@ raises ``NVMLError_NotSupported`` or reports total 0 on unified-memory boxes; th
 ``/proc/meminfo`` (MemTotal / MemAvailable). Any NVML call that is not supported yields ``None`` (shown as N/A),
 never an exception. With no NVIDIA driver at all, :func:`probe` says so plainly.
 
-Tests replace NVML with a fake module of the same shape: pass ``nvml=`` to :func:`probe`.
+On NVSwitch (HGX) boxes each GPU also reports its registration with the NVSwitch fabric
+(``nvmlDeviceGetGpuFabricInfo``): until Fabric Manager completes it, CUDA fails with error 802 while every memory
+figure looks healthy, so the state travels with the device.
+
+Tests replace NVML with a fake module of the same shape (pass ``nvml=`` to :func:`probe`), or load the real pynvml
+against a fake ``libnvidia-ml.so.1`` (``tests/fakes/nvml``).
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from appliance.preflight import fabric_word
 
 __all__ = ["GpuDevice", "HardwareSnapshot", "HostMemory", "probe", "read_meminfo"]
 
@@ -45,6 +53,13 @@ class GpuDevice:
     unified: bool
     processes: dict[int, int | None] = field(default_factory=dict)  # pid → bytes (None: not reported)
     utilization_pct: int | None = None
+    # NVSwitch fabric: None (on no fabric), "not-started", "in-progress", "completed" or "failed: ..."
+    fabric: str | None = None
+
+    @property
+    def fabric_ready(self) -> bool:
+        """False while an NVSwitch GPU has not joined its fabric (CUDA would fail with error 802)."""
+        return self.fabric in (None, "completed")
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class HardwareSnapshot:
     host: HostMemory
     nvml_error: str | None = None
     driver_version: str | None = None
+    cuda_driver_version: int | None = None  # the newest CUDA the driver runs: 13000 is CUDA 13.0
 
     @property
     def unified(self) -> bool:
@@ -89,8 +105,11 @@ def _load_nvml() -> ModuleType | None:
 
 def _call(nvml: ModuleType, fn: str, *args: Any) -> Any:
     """Call an NVML function; ``None`` for any NVML error (NotSupported on GB10, NoPermission, ...)."""
+    call = getattr(nvml, fn, None)
+    if call is None:  # an older pynvml without this function: the same as a driver without it
+        return None
     try:
-        return getattr(nvml, fn)(*args)
+        return call(*args)
     except nvml.NVMLError:
         return None
 
@@ -117,6 +136,7 @@ def _device(nvml: ModuleType, index: int, host: HostMemory) -> GpuDevice:
             procs[int(proc.pid)] = int(mem_used) if isinstance(mem_used, int) else None
     util = _call(nvml, "nvmlDeviceGetUtilizationRates", handle)
     return GpuDevice(
+        fabric=_fabric(nvml, handle),
         index=index,
         name=name,
         uuid=_text(_call(nvml, "nvmlDeviceGetUUID", handle)),
@@ -126,6 +146,18 @@ def _device(nvml: ModuleType, index: int, host: HostMemory) -> GpuDevice:
         processes=procs,
         utilization_pct=int(util.gpu) if util is not None else None,
     )
+
+
+def _fabric(nvml: ModuleType, handle: Any) -> str | None:
+    """The GPU's NVSwitch fabric state; None where the driver or the GPU has no fabric (NOT_SUPPORTED)."""
+    info_type = getattr(nvml, "c_nvmlGpuFabricInfo_t", None)
+    if info_type is None:
+        return None
+    info = info_type()
+    # pynvml hands the structure to NVML as it is given: it must be a pointer.
+    if _call(nvml, "nvmlDeviceGetGpuFabricInfo", handle, ctypes.byref(info)) is None:
+        return None
+    return fabric_word(int(info.state), int(info.status))
 
 
 def probe(nvml: ModuleType | None = None, meminfo: Path = Path("/proc/meminfo")) -> HardwareSnapshot:
@@ -142,6 +174,9 @@ def probe(nvml: ModuleType | None = None, meminfo: Path = Path("/proc/meminfo"))
         count = int(nvml.nvmlDeviceGetCount())
         gpus = [_device(nvml, i, host) for i in range(count)]
         driver = _text(_call(nvml, "nvmlSystemGetDriverVersion"))
+        cuda = _call(nvml, "nvmlSystemGetCudaDriverVersion_v2")
     finally:
         _call(nvml, "nvmlShutdown")
-    return HardwareSnapshot(gpus=gpus, host=host, driver_version=driver)
+    return HardwareSnapshot(
+        gpus=gpus, host=host, driver_version=driver, cuda_driver_version=cuda if isinstance(cuda, int) else None
+    )

@@ -24,7 +24,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
 
 
 def _preflight(args: argparse.Namespace) -> Outcome:
-    report = run_checks(args.profile, args.model, args.port, args.state_dir, model_name=args.model_name)
+    report = run_checks(
+        args.profile,
+        args.model,
+        args.port,
+        args.state_dir,
+        model_name=args.model_name,
+        plan_file=args.plan_file,
+        replan=args.replan,
+    )
     lines = check_lines(report)
     lines.append(f"profile: {report.profile} — " + ("ready" if report.passed else "NOT ready"))
     return Outcome(data=report.to_dict(), text="\n".join(lines), exit_code=0 if report.passed else EXIT_NEGATIVE)

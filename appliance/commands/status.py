@@ -56,8 +56,14 @@ def _memory_lines(snap: Snapshot) -> list[str]:
     lines = []
     for gpu in hw.gpus:
         label = "unified" if gpu.unified else "used"
+        fabric = f" · NVSwitch fabric {gpu.fabric}" if gpu.fabric else ""
         lines.append(
-            f"memory    GPU {gpu.index} {gpu.name}: {label} {_gib(gpu.memory_used)} / {_gib(gpu.memory_total)}"
+            f"memory    GPU {gpu.index} {gpu.name}: {label} {_gib(gpu.memory_used)} / {_gib(gpu.memory_total)}{fabric}"
+        )
+    if hw.driver_version:
+        cuda = hw.cuda_driver_version
+        lines.append(
+            f"driver    NVIDIA {hw.driver_version}" + (f", CUDA {cuda // 1000}.{cuda % 1000 // 10}" if cuda else "")
         )
     return lines
 

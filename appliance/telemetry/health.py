@@ -96,6 +96,13 @@ def problems(snap: Snapshot, now: datetime, selftest_max_age: timedelta = DEFAUL
     planned = (snap.config.hardware or "").lower()
     if hardware is not None and not hardware.gpus and planned and "cpu" not in planned:
         bad("memory", f"the plan is for {snap.config.hardware} but no NVIDIA GPU answers: {hardware.nvml_error}")
+    for gpu in hardware.gpus if hardware is not None else []:
+        if not gpu.fabric_ready:
+            bad(
+                "gpu",
+                f"GPU {gpu.index} has not joined its NVSwitch fabric ({gpu.fabric}): CUDA fails with error 802 until "
+                "it does; check systemctl status nvidia-fabricmanager",
+            )
     if snap.config.error:
         warn("config", snap.config.error)
     found.sort(key=lambda p: p.severity != "bad")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any
 
 from appliance.hardware import probe, read_meminfo
+from tests.fakes.nvml import FakeGpu, build_fake_nvml, write_fake_nvml_config
 
 GIB = 1024**3
 
@@ -110,3 +116,46 @@ def test_no_driver_says_so(tmp_path: Path) -> None:
 def test_read_meminfo_of_this_machine() -> None:
     host = read_meminfo()
     assert host.total > host.available > 0
+
+
+def _probe_with_real_pynvml(tmp_path: Path, gpus: list[FakeGpu], **config: Any) -> dict[str, Any]:
+    """hardware.probe() in a fresh process whose pynvml finds the fake libnvidia-ml.so.1 by name, as on a box."""
+    lib = build_fake_nvml(tmp_path / "lib")
+    nvml_config = write_fake_nvml_config(tmp_path / "nvml.conf", gpus, **config)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(lib.parent), FAKE_NVML_CONFIG=str(nvml_config))
+    code = "import json; from appliance.hardware import probe; print(json.dumps(probe().to_dict()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def test_the_real_pynvml_reads_fabric_state_and_cuda_version(tmp_path: Path) -> None:
+    snap = _probe_with_real_pynvml(tmp_path, [FakeGpu(fabric_state=3), FakeGpu(fabric_state=2)], cuda=13000)
+    assert snap["driver_version"] == "580.95.05" and snap["cuda_driver_version"] == 13000
+    assert [g["fabric"] for g in snap["gpus"]] == ["completed", "in-progress"]
+    assert [g["memory_total"] for g in snap["gpus"]] == [81559 * 1024**2] * 2
+    assert snap["gpus"][0]["processes"] == {}
+
+
+def test_pcie_gpus_and_gb10_report_no_fabric(tmp_path: Path) -> None:
+    snap = _probe_with_real_pynvml(tmp_path, [FakeGpu(name="NVIDIA H100 NVL"), FakeGpu(name="NVIDIA GB10", total=0)])
+    assert [g["fabric"] for g in snap["gpus"]] == [None, None]
+    assert snap["gpus"][1]["unified"] is True and snap["unified"] is True
+
+
+def test_a_gpu_off_its_fabric_makes_the_box_unhealthy(tmp_path: Path) -> None:
+    from appliance.telemetry.health import problems
+    from appliance.telemetry.replay import replay_sources
+    from appliance.telemetry.sources import collect
+
+    fixtures = Path(__file__).parents[1] / "fixtures" / "dashboard"
+    scenario = json.loads((fixtures / "h100_healthy.json").read_text())
+    snap = collect(replay_sources(scenario, tmp_path))
+    assert problems(snap, snap.taken_at) == []
+    gpu = snap.memory.hardware.gpus[0] if snap.memory.hardware else None
+    assert gpu is not None
+    stuck = dataclasses.replace(gpu, fabric="not-started")
+    hardware = dataclasses.replace(snap.memory.hardware, gpus=[stuck])  # type: ignore[type-var]
+    snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, hardware=hardware))
+    (problem,) = problems(snap, snap.taken_at)
+    assert problem.severity == "bad" and "NVSwitch fabric (not-started)" in problem.text and "802" in problem.text
