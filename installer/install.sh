@@ -16,6 +16,7 @@
 #   --port N             the gateway's HTTPS port (default 8443)
 #   --check              show the plan and what would change; change nothing
 #   --resume             continue after a reboot the driver asked for (reuses the saved answers)
+#   --replan             the box's GPUs changed on purpose (one added or removed): plan vLLM for the GPUs present
 #   --uninstall          stop and remove the services, venvs and configuration (keeps models, self-test history)
 #   --purge              with --uninstall: remove models, self-test history, certificates and logs too
 #   --rehearse           no GPU? rehearse the whole install (cpu profile, demo model) in a throwaway Debian 12
@@ -72,7 +73,7 @@ need_cmd() { command -v "$1" >/dev/null 2>&1 || fatal "the command '$1' is missi
 usage() { sed -n '2,/^# Exit codes/p' "$0" | sed -e 's/^# \{0,1\}//' -e '$d'; }
 
 parse_args() {
-    MODEL='' MODEL_NAME='' PROFILE='' BUNDLE='' LAN='' PORT='' MODE=install PURGE='' KEEP='' YES='' RESUME=''
+    MODEL='' MODEL_NAME='' PROFILE='' BUNDLE='' LAN='' PORT='' MODE=install PURGE='' KEEP='' YES='' RESUME='' REPLAN=''
     while [ $# -gt 0 ]; do
         case $1 in
             --model | --model-name | --profile | --bundle | --lan | --port)
@@ -97,6 +98,7 @@ parse_args() {
                 ;;
             --check) MODE=check ;;
             --resume) RESUME=1 ;;
+            --replan) REPLAN=1 ;;
             --uninstall) MODE=uninstall ;;
             --purge) PURGE=1 ;;
             --rehearse) MODE=rehearse ;;
@@ -210,7 +212,17 @@ verify_system() {
 
 verify_bundle() {
     [ -n "$BUNDLE" ] || return 0
-    step "Verifying the offline bundle $BUNDLE (sha256 of every file)"
+    step "Verifying the offline bundle $BUNDLE (built for this box? sha256 of every file)"
+    # Built for another OS, CPU or Python? Refuse before hashing gigabytes; the check names the bundle to build instead.
+    _fit=$(PYTHONPATH=$SRC "$PYTHON" -m appliance.bundle check-target "$BUNDLE" 2>&1)
+    _rc=$?
+    log_line "$_fit"
+    if [ "$_rc" -ne 0 ]; then
+        _why=$(printf '%s\n' "$_fit" | sed -n 's/^bundle: error: //p')
+        _todo=$(printf '%s\n' "$_fit" | sed -n 's/^what to do: //p')
+        fatal "${_why:-checking which box the bundle $BUNDLE is for failed: $_fit}" "${_todo:-Rebuild it with 'clinic-edge bundle build --os ...' (see its --help).}" 1
+    fi
+    info "    ${_fit#bundle fits this box: }"
     PYTHONPATH=$SRC "$PYTHON" -m appliance.bundle verify "$BUNDLE" >>"$LOG" 2>&1 ||
         fatal "the bundle $BUNDLE is incomplete or corrupt (missing, extra or damaged files are listed in $LOG)." "Copy the bundle again from its source, or rebuild it with 'clinic-edge bundle build'." 1
 }
@@ -218,7 +230,7 @@ verify_bundle() {
 run_preflight() {
     step "Checking the box: GPU, driver, memory, disk, ports, Secure Boot"
     _out=$(PYTHONPATH=$SRC "$PYTHON" "$SRC/appliance/preflight.py" --profile "$PROFILE" --model "$MODEL" \
-        --port "$PORT" --state-dir "$STATE" 2>&1)
+        --port "$PORT" --state-dir "$STATE" ${REPLAN:+--replan} 2>&1)
     _rc=$?
     printf '%s\n' "$_out" >>"$LOG"
     printf '%s\n' "$_out" | grep -v '^resolved_profile=' | sed 's/^/    /'
@@ -280,7 +292,8 @@ run_playbook() {
     {
         LC_ALL=C.UTF-8 LANG=C.UTF-8 ANSIBLE_CONFIG=$SRC/playbooks/ansible.cfg ANSIBLE_FORCE_COLOR=0 \
             "$VENV/bin/ansible-playbook" -i "$SRC/playbooks/inventory/localhost.yml" "$SRC/playbooks/site.yml" \
-            -e "@$ANSWERS" -e "appliance_src=$SRC" -e "appliance_python=$PYTHON" ${_check:+--check} ${_check:+--diff} 2>&1
+            -e "@$ANSWERS" -e "appliance_src=$SRC" -e "appliance_python=$PYTHON" ${REPLAN:+-e appliance_replan=true} \
+            ${_check:+--check} ${_check:+--diff} 2>&1
         echo $? >"$_rc_file"
     } | tee -a "$LOG" | awk '
         /^TASK \[/ { shown = 0; sub(/^TASK \[/, "    "); sub(/\] \**$/, ""); print; fflush(); next }

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
+from tests.fakes.nvml import GIB, FakeGpu, build_fake_nvml, write_fake_nvml_config
 
 # The first test also pays for the rehearsal (fixture set-up counts against its timeout): a cold one in CI
 # includes debootstrap and the wheel build.
@@ -34,6 +35,11 @@ PROBE = Path(__file__).with_name("client_probe.py")
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INNER_INSTALL = "/opt/clinic-edge-src/installer/install.sh"
 MODEL = "clinic-edge-demo-vlm"
+# A PCIe H100 box as NVML reports it (nvidia-smi: 95830 MiB); its host memory as /proc/meminfo would (512 GiB).
+H100_NVL = FakeGpu(name="NVIDIA H100 NVL", total=95830 * 1024**2)
+GPU_BOX_MEMINFO = (
+    f"MemTotal: {512 * GIB // 1024} kB\nMemFree: {500 * GIB // 1024} kB\nMemAvailable: {500 * GIB // 1024} kB\n"
+)
 
 
 @dataclass
@@ -189,6 +195,84 @@ def test_changing_the_port_restarts_only_the_gateway(rehearsal: Rehearsal) -> No
     assert rehearsal.main_pid("clinic-edge-gateway.service") != gateway
     assert "port: 8444" in (rehearsal.root / "etc/clinic-edge/appliance.yml").read_text()
     assert "tcp dport 8444" in rehearsal.run("nft", "list", "table", "inet", "clinic_edge").stdout
+
+
+def _gpu_box_playbook(rehearsal: Rehearsal, gpus: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The installer's playbook as it runs on a box with ``gpus`` H100 NVL, NVML answered by the fake library.
+
+    Left out (--skip-tags): the driver, the GPU build of vLLM and the closing self-test, which need a real GPU; and
+    the replicas are planned, written and enabled but not started (vllm_start_replicas=false).
+    """
+    fake = rehearsal.root / "opt/fake-nvml"
+    build_fake_nvml(fake)
+    write_fake_nvml_config(fake / f"{gpus}.conf", [H100_NVL] * gpus)
+    return rehearsal.run(
+        "env", "LD_LIBRARY_PATH=/opt/fake-nvml", f"FAKE_NVML_CONFIG=/opt/fake-nvml/{gpus}.conf", "LC_ALL=C.UTF-8",
+        "ANSIBLE_CONFIG=/opt/clinic-edge-src/playbooks/ansible.cfg", "/opt/clinic-edge/venv/bin/ansible-playbook",
+        "-i", "/opt/clinic-edge-src/playbooks/inventory/localhost.yml", "/opt/clinic-edge-src/playbooks/site.yml",
+        "-e", "@/etc/clinic-edge/appliance.yml", "-e", "appliance_src=/opt/clinic-edge-src",
+        "-e", "appliance_python=/usr/bin/python3", "-e", "appliance_profile=auto", "-e", "vllm_start_replicas=false",
+        "--skip-tags", "driver,vllm-build,selftest", *extra,
+    )  # fmt: skip
+
+
+def _topology(rehearsal: Rehearsal) -> dict[str, object]:
+    etc = rehearsal.root / "etc/clinic-edge"
+    envs = sorted((etc / "vllm").glob("vllm-*.env"))
+    plan = json.loads((etc / "vllm/plan.json").read_text())
+    enabled = [
+        i for i in range(8)
+        if rehearsal.run("systemctl", "is-enabled", f"clinic-edge-vllm@{i}.service").stdout.strip() == "enabled"
+    ]  # fmt: skip
+    return {
+        "env_files": [e.name for e in envs],
+        "devices": [re.search(r"^CUDA_VISIBLE_DEVICES=(.*)$", e.read_text(), re.M).group(1) for e in envs],  # type: ignore[union-attr]
+        "ports": [re.search(r"--port (\d+)", e.read_text()).group(1) for e in envs],  # type: ignore[union-attr]
+        "plan": (plan["topology"]["replicas"], plan["hardware"]["gpus"], plan["hardware"]["detected"]),
+        "enabled": enabled,
+        "upstreams": re.findall(r"http://127\.0\.0\.1:(\d+)", (etc / "gateway.yml").read_text()),
+    }
+
+
+@pytest.fixture
+def gpu_box_memory(rehearsal: Rehearsal) -> Iterator[None]:
+    """The container sees a GPU server's host memory (the preflight asks H100 boxes for 32 GiB; we have 24)."""
+    (rehearsal.root / "opt/gpu-box-meminfo").write_text(GPU_BOX_MEMINFO)
+    assert rehearsal.run("mount", "--bind", "/opt/gpu-box-meminfo", "/proc/meminfo").returncode == 0
+    try:
+        yield
+    finally:
+        rehearsal.run("umount", "/proc/meminfo")
+
+
+@pytest.mark.usefixtures("gpu_box_memory")
+def test_an_eight_gpu_box_gets_one_replica_per_gpu_and_the_gateway_all_of_them(rehearsal: Rehearsal) -> None:
+    proc = _gpu_box_playbook(rehearsal, 8)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    topo = _topology(rehearsal)
+    assert topo["env_files"] == [f"vllm-{i}.env" for i in range(8)]
+    assert topo["devices"] == [str(i) for i in range(8)]
+    assert topo["ports"] == [str(8000 + i) for i in range(8)]
+    assert topo["plan"] == (8, 8, True)
+    assert topo["enabled"] == list(range(8))
+    assert topo["upstreams"] == [str(8000 + i) for i in range(8)]
+    assert "--gpu-memory-utilization" in (rehearsal.root / "etc/clinic-edge/vllm/vllm-7.env").read_text()
+
+
+@pytest.mark.usefixtures("gpu_box_memory")
+def test_a_box_that_lost_gpus_stops_before_anything_changes_and_replans_when_told(rehearsal: Rehearsal) -> None:
+    before = _topology(rehearsal)
+    proc = _gpu_box_playbook(rehearsal, 2)
+    assert proc.returncode != 0
+    assert "made for 8 GPUs" in proc.stdout and "--replan" in proc.stdout, proc.stdout[-3000:]
+    assert _topology(rehearsal) == before
+    proc = _gpu_box_playbook(rehearsal, 2, "-e", "appliance_replan=true")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    topo = _topology(rehearsal)
+    assert topo["env_files"] == ["vllm-0.env", "vllm-1.env"] and topo["devices"] == ["0", "1"]
+    assert topo["plan"] == (2, 2, True)
+    assert topo["enabled"] == [0, 1]
+    assert topo["upstreams"] == ["8000", "8001"]
 
 
 def test_uninstall_leaves_no_clinic_edge_unit_and_keeps_the_models(rehearsal: Rehearsal) -> None:
