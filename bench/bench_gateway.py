@@ -42,6 +42,8 @@ from pathlib import Path
 
 import aiohttp
 
+from appliance.processes import Interrupted, ManagedProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 CHAT = "/v1/chat/completions"
@@ -96,17 +98,9 @@ def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = 
 
 @contextmanager
 def process(argv: list[str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """A server for the bench; it and everything it spawned (nginx's workers) stop on leaving or on a signal."""
+    with log.open("wb") as out, ManagedProcess(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd) as proc:
+        yield proc.popen
 
 
 def radiograph_png(target_bytes: int = 3_000_000) -> bytes:
@@ -404,4 +398,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Interrupted as stop:  # its servers are stopped; exit as the CLI does (143 SIGTERM, 130 Ctrl-C, 129 SIGHUP)
+        sys.exit(stop.exit_code)

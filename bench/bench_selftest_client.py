@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import httptools
 
+from appliance.processes import Interrupted, ManagedProcess
 from appliance.selftest.client import Target, make_session, open_connections, stream_chat
 from appliance.selftest.metrics import measure, percentile
 from appliance.wire import chat_request
@@ -176,7 +177,7 @@ def main() -> None:
         # On a shared machine other work preempts the measured processes; a lower niceness narrows that noise.
         os.nice(args.nice)
 
-    server = subprocess.Popen(
+    upstream = ManagedProcess(
         [
             sys.executable,
             "-m",
@@ -191,6 +192,7 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    server = upstream.start()
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline().split()[1])
@@ -263,9 +265,13 @@ def main() -> None:
                     ours = statistics.median(errors[n])
                     print(f"error p50, {n} vs vLLM's client: {ours:.3f} vs {theirs:.3f} ms (ratio {ours / theirs:.2f})")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        upstream.stop()
+        assert server.stdout is not None
+        server.stdout.close()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Interrupted as stop:  # the upstream is stopped; exit as the CLI does (143 SIGTERM, 130 Ctrl-C, 129 SIGHUP)
+        sys.exit(stop.exit_code)

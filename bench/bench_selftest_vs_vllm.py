@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.demo_model import DEMO_MODEL_NAME, build_demo_model
+from appliance.processes import Interrupted, ManagedProcess
 from appliance.selftest.client import Target
 from appliance.selftest.runner import Progress, Workload, plan_single, run_points, warm_up
 from appliance.selftest.workloads import PromptMaker, load_tokenizer
@@ -90,10 +91,15 @@ class VllmBench:
             "--save-result", "--result-dir", str(out_dir),
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
+        self._worker = ManagedProcess(
             [sys.executable, "-c", VLLM_WORKER, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        self._expect("READY")
+        self.proc = self._worker.start()
+        try:
+            self._expect("READY")
+        except BaseException:
+            self.close(finish=False)
+            raise
 
     def _expect(self, word: str) -> None:
         assert self.proc.stdout is not None
@@ -115,10 +121,16 @@ class VllmBench:
             "out": doc["total_output_tokens"],
         }
 
-    def close(self) -> None:
-        if self.proc.stdin:
+    def close(self, finish: bool = True) -> None:
+        """Stop the worker and whatever it started; with ``finish``, first let it end its run (end of its input)."""
+        if self.proc.stdin and not self.proc.stdin.closed:
             self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        if finish:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+        self._worker.stop()
+        if self.proc.stdout:
+            self.proc.stdout.close()
 
 
 class VllmPrompts(PromptMaker):
@@ -272,7 +284,7 @@ def main() -> None:
         model_dir = args.model_dir or build_demo_model(work / "demo-vlm").path
         launch = VllmLaunch(model=model_dir, served_model_name=DEMO_MODEL_NAME, port=_free_port())
         print(f"Starting vLLM (CPU build) on {launch.base_url} …", flush=True)
-        with VllmServer(launch, work / "vllm.log") as server:
+        with VllmServer(launch, work / "vllm.log") as server, contextlib.ExitStack() as stack:
             where = _pin(server.pid) if args.pin else "vLLM and both clients share all CPUs"
             print(
                 f"Load: {args.requests} requests, {args.input_len} prompt tokens, {args.output_len} output tokens, "
@@ -288,6 +300,8 @@ def main() -> None:
             ratios = []
             rows = []
             bench = VllmBench(launch.base_url, model_dir, work, args)
+            # The worker stops on every path, a signal included (the with block above stops vLLM); at once on errors.
+            stack.push(lambda exc_type, exc, tb: bench.close(finish=exc_type is None))
             mine_runner = Ours(launch.base_url, model_dir, args)
             for r in range(1, args.rounds + 1):
                 url = launch.base_url
@@ -316,8 +330,10 @@ def main() -> None:
             )
             lo, hi = _bootstrap_median_ci(ratios)
             print(f"median per-round ratio, 90 % bootstrap interval: [{lo:.3f}, {hi:.3f}] (goal: within 0.95–1.05)")
-            bench.close()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Interrupted as stop:  # vLLM and the worker are stopped; exit as the CLI does (143 SIGTERM, 130 Ctrl-C, ...)
+        sys.exit(stop.exit_code)

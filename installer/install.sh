@@ -46,7 +46,6 @@ RUNDIR=/run/clinic-edge
 UNITDIR=/usr/local/lib/systemd/system
 LOGDIR=/var/log/clinic-edge
 LOG=${CLINIC_EDGE_LOG:-$LOGDIR/install.log}
-ANSIBLE_PIN_PY310=2.17.14
 ANSIBLE_PIN=2.19.14
 STARTED=0
 STEP=0
@@ -260,7 +259,7 @@ source_stamp() {
     } | sha256sum | cut -d' ' -f1
 }
 
-ansible_pin() { if [ "$PY_MINOR" -le 10 ]; then echo "$ANSIBLE_PIN_PY310"; else echo "$ANSIBLE_PIN"; fi; }
+ansible_pin() { echo "$ANSIBLE_PIN"; }
 
 setup_venv() {
     step "Preparing $VENV (ansible-core $(ansible_pin), clinic-edge)"
@@ -572,7 +571,10 @@ main() {
     verify_root
     setup_log
     trap cleanup EXIT
-    trap 'exit 130' INT TERM
+    # 128 + the signal, as the README's exit-code table says; each exits through cleanup (the EXIT trap).
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     case $MODE in
         uninstall) run_uninstall; return 0 ;;
         rehearse) run_rehearse; return 0 ;;

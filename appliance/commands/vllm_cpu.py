@@ -37,9 +37,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     serve = verbs.add_parser(
         "serve",
         parents=[common],
-        help="serve a model on loopback until Ctrl-C",
+        help="serve a model on loopback until Ctrl-C or SIGTERM",
         description="Start vLLM's OpenAI server with the CPU profile's flags, wait until it is ready, print its "
-        "URL and keep it running until interrupted. Example: clinic-edge vllm-cpu serve --model /tmp/demo-vlm",
+        "URL and keep it running until interrupted. SIGINT (Ctrl-C), SIGTERM and SIGHUP stop vLLM and everything "
+        "it started, then exit 130, 143 and 129. Example: clinic-edge vllm-cpu serve --model /tmp/demo-vlm",
     )
     serve.add_argument("--model", type=Path, required=True, help="model directory (config.json inside)")
     serve.add_argument("--served-model-name", default="clinic-edge-demo-vlm", help="name clients ask for")
@@ -61,12 +62,9 @@ def _install(args: argparse.Namespace) -> Outcome:
 
 def _serve(args: argparse.Namespace) -> Outcome:
     launch = VllmLaunch(model=args.model, served_model_name=args.served_model_name, port=args.port)
-    server = VllmServer(launch, args.log)
-    server.start()
-    try:
-        seconds = server.wait_ready()
-        sys.stderr.write(f"vLLM ready at {launch.base_url}/v1 after {seconds:.1f} s (Ctrl-C stops it)\n")
-        server.wait()
-    finally:
-        server.stop()
-    return Outcome(data={"url": launch.base_url}, text="vLLM stopped.")
+    # The with block stops vLLM and its engine core however this ends: vLLM exiting, an error, SIGTERM/SIGINT/SIGHUP
+    # (the CLI then exits 143/130/129).
+    with VllmServer(launch, args.log) as server:
+        sys.stderr.write(f"vLLM ready at {launch.base_url}/v1 after {server.ready_after:.1f} s (Ctrl-C stops it)\n")
+        code = server.wait()
+        raise server.exited_error(code, "while serving")

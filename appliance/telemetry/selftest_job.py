@@ -8,8 +8,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from appliance.processes import ManagedProcess
+
 __all__ = ["SelftestJob", "SelftestOutcome"]
 
+# The self-test is a client: on SIGTERM it has only its connections to drop.
+CANCEL_GRACE_S = 5.0
 EXIT_MEANING = {0: "passed", 1: "failed", 2: "could not run (target unreachable or not ready)"}
 
 
@@ -41,31 +45,42 @@ class SelftestOutcome:
 
 
 class SelftestJob:
-    """One self-test child process; :meth:`cancel` ends it (on quit)."""
+    """One self-test child process; :meth:`cancel` ends it and anything it started (on quit).
+
+    Run it from a worker thread that waits for it, as the dashboard does: the child is told to stop (SIGTERM) if that
+    thread dies, so a dashboard killed outright does not leave a self-test running.
+    """
 
     def __init__(self, argv: Sequence[str]) -> None:
         self.argv = list(argv)
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: ManagedProcess | None = None
 
     def run(self, on_progress: Callable[[str], None]) -> SelftestOutcome:
         """Run to completion, calling ``on_progress`` with each line the self-test writes to stderr."""
         last = ""
         with tempfile.TemporaryFile(mode="w+") as out:
+            proc = ManagedProcess(
+                self.argv, name="self-test", stdout=out, stderr=subprocess.PIPE, text=True, grace=CANCEL_GRACE_S
+            )
             try:
-                self._proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.PIPE, text=True)
+                popen = proc.start()
             except OSError as exc:
                 return SelftestOutcome(127, f"self-test could not start: {exc}", False)
-            with self._proc as proc:
-                assert proc.stderr is not None
-                for line in proc.stderr:
-                    if line.strip():
-                        last = line.strip()
-                        on_progress(last)
-                returncode = proc.wait()
+            self._proc = proc
+            try:
+                with popen:
+                    assert popen.stderr is not None
+                    for line in popen.stderr:
+                        if line.strip():
+                            last = line.strip()
+                            on_progress(last)
+                    returncode = popen.wait()
+            finally:
+                proc.stop()  # whatever it started, and the child itself if reading its output failed
             out.seek(0)
             return SelftestOutcome.from_output(returncode, out.read(), last)
 
     def cancel(self) -> None:
-        """Terminate the child if it is still running."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+        """Stop the self-test and everything it started (SIGTERM, then SIGKILL after a few seconds)."""
+        if self._proc is not None:
+            self._proc.stop()
