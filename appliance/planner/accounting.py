@@ -6,7 +6,16 @@ The identity vLLM applies on every rank (``vllm/v1/worker/gpu_worker.py``)::
     kv_cache  = requested − weights − peak_activation − non_torch [− cudagraph_estimate, from v0.21]
 
 and the block math of ``vllm/v1/core/kv_cache_utils.py`` (groups of equal size for hybrid sliding/full models, one
-shared block pool, per-request blocks per group, ``Maximum concurrency`` = blocks / Σ blocks per request).
+shared block pool, per-request blocks per group, ``Maximum concurrency`` = blocks / Σ blocks per request)::
+
+    page(layer)      = 2 × block × kv_heads_per_rank × head_dim × dtype_bytes          (kv_cache_interface.py)
+    unified pages    : a smaller page gets block × (largest page / its page)  (unify_kv_cache_spec_page_size)
+    num_blocks       = kv_cache // (page × group_size)
+    blocks/request   = Σ full groups cdiv(L, block_g) + Σ sliding groups (cdiv(min(W − 1 + F, L), block_g) + 1)
+    F (in flight)    = max_concurrent_batches × max_num_batched_tokens                (vllm/config/vllm.py)
+
+Models whose layers differ in head size (Gemma 4: sliding 16 × 256, full 4 × 512) get one page size by a larger
+block on the layers with the smaller page, and each group then counts its request's blocks in its own block size.
 
 What vLLM *measures* at start-up (peak activation, non-torch memory, CUDA-graph memory) the planner *estimates*; the
 estimates and their calibration against published start-up logs are described at :func:`activation_bytes` and in
@@ -20,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.errors import InputError, UsageError
 from appliance.planner.model_config import ModelFacts
 
 __all__ = [
@@ -49,6 +59,17 @@ NON_TORCH_TPN_GIB = 0.55
 BIG_GPU_BATCHED_TOKENS, BIG_GPU_SEQS = 8192, 1024
 SMALL_GPU_BATCHED_TOKENS, SMALL_GPU_SEQS = 2048, 256
 CUDA_BLOCK_SIZE, MLA_BLOCK_SIZE, CPU_BLOCK_SIZE = 16, 64, 128
+# Block size of the attention backend vLLM picks when a model's layers differ in head size: Gemma 4 logs "heterogeneous
+# head dimensions ... Forcing TRITON_ATTN backend" (vllm/model_executor/models/config.py, Gemma4Config), and
+# TRITON_ATTN takes the cache's default block size (vllm/config/cache.py, 16 on CUDA). FA4, which newer vLLM prefers
+# where it is installed, was not traced: planning it needs --block-size.
+BACKEND_BLOCK_SIZES = {"TRITON_ATTN": 16, "FLASH_ATTN": 16, "FLASHINFER": 16}
+MIXED_HEAD_BACKEND = "TRITON_ATTN"
+# From v0.21 the sliding-window reservation counts the tokens of every batch in flight, and asynchronous scheduling
+# (on by default) keeps two: VllmConfig.max_in_flight_tokens = max_concurrent_batches × max_num_batched_tokens
+# (vllm/config/vllm.py). v0.19.1's logged Gemma 4 row reproduces with one batch, v0.21's and v0.29's with two
+# (docs/planner.md, tests/unit/planner/test_gemma4.py).
+ASYNC_IN_FLIGHT_FROM = (0, 21)
 MAX_CUDAGRAPH_CAPTURE = 512
 
 
@@ -73,6 +94,8 @@ class Knobs:
     enforce_eager: bool = False
     device: str = "cuda"  # "cuda" | "cpu"
     big_gpu: bool = True
+    async_scheduling: bool | None = None  # None: vLLM's default for the version
+    attention_backend: str | None = None  # None: the backend vLLM picks
 
     @property
     def estimates_cudagraphs(self) -> bool:
@@ -100,6 +123,13 @@ class Knobs:
             return self.max_num_seqs
         return BIG_GPU_SEQS if self.big_gpu else SMALL_GPU_SEQS
 
+    def in_flight_tokens(self) -> int:
+        """Tokens the scheduler may have in flight (F): two batches under asynchronous scheduling, else one."""
+        asynchronous = self.async_scheduling
+        if asynchronous is None:
+            asynchronous = self.vllm_version >= ASYNC_IN_FLIGHT_FROM and self.device == "cuda"
+        return (2 if asynchronous else 1) * self.batched_tokens()
+
     def kv_dtype_bytes(self, model_dtype_bytes: int) -> int:
         """Bytes per cached value: 1 for fp8 KV caches, else the model's dtype."""
         return 1 if self.kv_cache_dtype.startswith("fp8") else model_dtype_bytes
@@ -107,19 +137,20 @@ class Knobs:
 
 @dataclass(frozen=True)
 class KvGroup:
-    """One KV-cache group: ``layers`` layers (padding included) of one kind."""
+    """One KV-cache group: ``layers`` layers (padding included) of one kind, in blocks of ``block_size`` tokens."""
 
     kind: str
     window: int | None
     layers: int
+    block_size: int = CUDA_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
 class KvLayout:
     """How vLLM lays out the KV cache for a model on one rank."""
 
-    block_size: int
-    page_bytes: int  # one block of one layer
+    block_size: int  # the backend's block size (the smallest of the groups')
+    page_bytes: int  # one block of one layer (equal for every layer once vLLM has unified the pages)
     groups: list[KvGroup]
     group_size: int  # layers per group; every group's layers share one tensor per position
     padding_layers: int
@@ -136,14 +167,16 @@ class KvLayout:
         for g in self.groups:
             if g.kind == "sliding" and g.window is not None:
                 tokens = min(g.window - 1 + in_flight_tokens, max_model_len)
-                total += math.ceil(tokens / self.block_size) + 1
+                total += math.ceil(tokens / g.block_size) + 1
             else:
-                total += math.ceil(max_model_len / self.block_size)
+                total += math.ceil(max_model_len / g.block_size)
         return total
 
     def bytes_per_token(self) -> float:
         """KV bytes per token of one full-attention-equivalent request (for people)."""
-        return self.page_bytes * self.num_layers / self.block_size
+        return sum(self.page_bytes * g.layers / g.block_size for g in self.groups) - (
+            self.page_bytes * self.padding_layers / self.block_size
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -151,34 +184,71 @@ class KvLayout:
             "block_size": self.block_size,
             "page_bytes": self.page_bytes,
             "group_size": self.group_size,
-            "groups": [{"kind": g.kind, "window": g.window, "layers": g.layers} for g in self.groups],
+            "groups": [
+                {"kind": g.kind, "window": g.window, "layers": g.layers, "block_size": g.block_size}
+                for g in self.groups
+            ],
             "padding_layers": self.padding_layers,
         }
+
+
+def backend_block_size(facts: ModelFacts, knobs: Knobs) -> int:
+    """The block size of the attention backend vLLM will use (``--block-size`` wins)."""
+    if knobs.block_size:
+        return knobs.block_size
+    if knobs.device == "cpu":
+        return CPU_BLOCK_SIZE
+    if facts.mla_latent_dim:
+        return MLA_BLOCK_SIZE
+    mixed = len({layer.head_dim or facts.head_dim for layer in facts.layers}) > 1
+    backend = knobs.attention_backend or (MIXED_HEAD_BACKEND if mixed else None)
+    if backend is None:
+        return CUDA_BLOCK_SIZE
+    if backend not in BACKEND_BLOCK_SIZES:
+        raise UsageError(
+            f"The block size of attention backend {backend} is not known to the planner.",
+            f"Give the block size vLLM logs for {backend} with --block-size.",
+        )
+    return BACKEND_BLOCK_SIZES[backend]
 
 
 def kv_layout(facts: ModelFacts, tp: int, knobs: Knobs) -> KvLayout:
     """The KV-cache layout on one of ``tp`` ranks: page size per layer and vLLM's layer groups."""
     dtype_bytes = knobs.kv_dtype_bytes(facts.dtype_bytes)
+    block = backend_block_size(facts, knobs)
     if facts.mla_latent_dim:
-        block = knobs.block_size or (CPU_BLOCK_SIZE if knobs.device == "cpu" else MLA_BLOCK_SIZE)
         page = block * facts.mla_latent_dim * dtype_bytes  # one latent, no K/V pair, not split by TP
-    else:
-        block = knobs.block_size or (CPU_BLOCK_SIZE if knobs.device == "cpu" else CUDA_BLOCK_SIZE)
-        kv_heads = max(1, facts.num_kv_heads // tp)  # replicated when TP exceeds the KV heads
-        page = 2 * block * kv_heads * facts.head_dim * dtype_bytes
-    counts = Counter((layer.kind, layer.window) for layer in facts.layers)
-    if len(counts) == 1:
-        ((kind, window), n) = next(iter(counts.items()))
-        return KvLayout(block, page, [KvGroup(kind, window, n)], n, 0, facts.num_layers)
-    smallest, largest = min(counts.values()), max(counts.values())
+        n = len(facts.layers)
+        return KvLayout(block, page, [KvGroup("mla", None, n, block)], n, 0, n)
+    # One spec per layer shape (kind, window, heads per rank, head size), with its page at the backend's block size.
+    specs: Counter[tuple[str, int | None, int, int]] = Counter()
+    for layer in facts.layers:
+        kv_heads = max(1, (layer.kv_heads or facts.num_kv_heads) // tp)  # replicated when TP exceeds the KV heads
+        specs[(layer.kind, layer.window, kv_heads, layer.head_dim or facts.head_dim)] += 1
+    pages = {spec: 2 * block * spec[2] * spec[3] * dtype_bytes for spec in specs}
+    page = max(pages.values())
+    # unify_kv_cache_spec_page_size: smaller pages get a proportionally larger block (vLLM refuses uneven ratios).
+    blocks = {spec: block * page // p for spec, p in pages.items()}
+    uneven = [spec for spec, p in pages.items() if page % p]
+    if uneven:
+        raise InputError(
+            f"{facts.name}'s KV pages of {sorted(set(pages.values()))} bytes are not multiples of each other; vLLM "
+            "refuses such a model (unify_kv_cache_spec_page_size).",
+            "Check the config's head_dim / global_head_dim and num_key_value_heads, or try another --tp.",
+        )
+    n_layers = len(facts.layers)
+    if len(specs) == 1:
+        ((spec, n),) = specs.items()
+        return KvLayout(block, page, [KvGroup(spec[0], spec[1], n, block)], n, 0, n_layers)
+    smallest, largest = min(specs.values()), max(specs.values())
     group_size = largest if largest < smallest * 1.5 else smallest
     groups: list[KvGroup] = []
     padding = 0
-    for (kind, window), n in counts.items():
+    for spec, n in specs.items():
         k = math.ceil(n / group_size)
         padding += k * group_size - n
-        groups.extend(KvGroup(kind, window, group_size) for _ in range(k))
-    return KvLayout(block, page, groups, group_size, padding, facts.num_layers)
+        groups.extend(KvGroup(spec[0], spec[1], group_size, blocks[spec]) for _ in range(k))
+    return KvLayout(min(blocks.values()), page, groups, group_size, padding, n_layers)
 
 
 def activation_bytes(facts: ModelFacts, tp: int, knobs: Knobs) -> int:
@@ -247,7 +317,7 @@ class Budget:
     kv_bytes: int
     layout: KvLayout
     max_model_len: int
-    in_flight_tokens: int
+    in_flight_tokens: int  # F: tokens of every batch in flight (the sliding-window reservation)
     tokens_from_concurrency: bool
     kv_measured: bool = False
     startup_error: str | None = None  # vLLM's own start-up check would fail with this
@@ -342,7 +412,7 @@ def budget_for(
         kv_bytes=kv,
         layout=layout,
         max_model_len=max_model_len,
-        in_flight_tokens=knobs.batched_tokens(),
+        in_flight_tokens=knobs.in_flight_tokens(),
         tokens_from_concurrency=knobs.tokens_from_concurrency,
         kv_measured=kv_bytes_measured is not None,
     )

@@ -64,7 +64,8 @@ def vllm_args(plan: Plan, replica: int = 0) -> list[str]:
         args += fixed
     else:
         args += ["--max-model-len", str(plan.max_model_len)]
-        args += ["--gpu-memory-utilization", f"{k.gpu_memory_utilization:g}"]
+        # The budget's utilization: on unified memory sized to what the engine takes (appliance/planner/unified.py).
+        args += ["--gpu-memory-utilization", f"{plan.budget.utilization:g}"]
         if plan.tp > 1:
             args += ["--tensor-parallel-size", str(plan.tp)]
         if plan.kv_cache_memory_bytes:

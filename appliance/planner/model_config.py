@@ -4,6 +4,12 @@ Multimodal configs nest the language model under ``text_config`` (Gemma 3, Mistr
 at the top level (Qwen2.5-VL). Some fields come from transformers' defaults when the file omits them (Gemma 3 omits
 ``vocab_size`` 262208 and ``max_position_embeddings`` 131072); those defaults are written down here, per model type.
 
+Gemma 4 (``gemma4``) gives its full-attention layers their own shape: ``global_head_dim`` and, with
+``attention_k_eq_v``, ``num_global_key_value_heads`` (vllm/model_executor/models/gemma4.py ``Gemma4DecoderLayer``);
+newer transformers save the same facts as ``per_layer_config`` (layer index → ``head_dim``,
+``num_key_value_heads``), and both forms are read. The last ``num_kv_shared_layers`` layers reuse an earlier layer's
+KV cache and get none of their own (``kv_sharing_target_layer_name``).
+
 Layer types follow vLLM: an explicit ``layer_types`` list wins; Gemma 2 alternates sliding/full; Gemma 3 has one full
 layer in every ``sliding_window_pattern`` (6); a ``sliding_window`` applies to every layer unless
 ``use_sliding_window`` is false (Qwen2 / Qwen2.5-VL ship ``sliding_window: 32768`` with ``use_sliding_window: false``:
@@ -19,7 +25,16 @@ from typing import Any
 
 from appliance.errors import InputError
 
-__all__ = ["LayerKind", "ModelFacts", "VisionFacts", "load_model_facts", "model_facts_from_config"]
+__all__ = [
+    "LayerKind",
+    "ModelFacts",
+    "VisionFacts",
+    "gemma4_layer_shapes",
+    "load_model_facts",
+    "model_facts_from_config",
+    "read_config",
+    "resolved_text_config",
+]
 
 # Transformers' defaults for fields that configs of these model types may omit.
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -39,7 +54,12 @@ TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"vocab_size": 32000, "max_position_embeddings": 2048},
     "mistral": {"vocab_size": 32000, "max_position_embeddings": 131072},
     "qwen2": {"vocab_size": 151936, "max_position_embeddings": 32768},
+    "gemma4_text": {"sliding_window": 1024, "max_position_embeddings": 262144},
 }
+# vLLM disables chunked multimodal input for Gemma 3/4 (image tokens attend bidirectionally) and then refuses
+# max_num_batched_tokens below the largest item: "Chunked MM input disabled but max_tokens_per_mm_item (2496) is
+# larger than max_num_batched_tokens (2048)" for Gemma 4 (vllm-project/recipes #441, #572; gemma4.md).
+MM_ITEM_MAX_TOKENS = {"gemma4": 2496}
 # Keys under which multimodal configs nest the language model.
 TEXT_KEYS = ("text_config", "llm_config", "language_config", "text_model")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 2, "half": 2, "float": 2}  # vLLM casts fp32 configs to 16-bit
@@ -48,10 +68,15 @@ REQUIRED = ("num_hidden_layers", "num_attention_heads", "hidden_size")
 
 @dataclass(frozen=True)
 class LayerKind:
-    """One attention layer's KV-cache kind: full attention, a sliding window of ``window`` tokens, or MLA."""
+    """One attention layer's KV-cache kind: full attention, a sliding window of ``window`` tokens, or MLA.
+
+    ``kv_heads`` / ``head_dim`` are set only where a layer's shape differs from the model's (Gemma 4's full layers).
+    """
 
     kind: str  # "full" | "sliding" | "mla"
     window: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,9 @@ class VisionFacts:
     intermediate_size: int
     patches_per_image: int
     tokens_per_image: int
+    # The most tokens one image may take, which max_num_batched_tokens must hold when vLLM schedules an image whole
+    # (Gemma 3/4 disable chunked multimodal input); None when images may be chunked.
+    batch_floor: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,8 @@ class ModelFacts:
         kinds: dict[str, int] = {}
         for layer in self.layers:
             key = layer.kind if layer.window is None else f"{layer.kind}:{layer.window}"
+            if layer.head_dim is not None or layer.kv_heads is not None:
+                key += f"({layer.kv_heads or self.num_kv_heads}x{layer.head_dim or self.head_dim})"
             kinds[key] = kinds.get(key, 0) + 1
         return {
             "name": self.name,
@@ -168,7 +198,43 @@ def _layer_kinds(text: dict[str, Any], num_layers: int, model_type: str, notes: 
     return [LayerKind("full")] * num_layers
 
 
-def _vision(config: dict[str, Any]) -> VisionFacts | None:
+def gemma4_layer_shapes(text: dict[str, Any], num_layers: int) -> dict[int, tuple[int | None, int | None]]:
+    """Gemma 4's per-layer attention shapes: layer index → (kv_heads, head_dim), from either config form."""
+    shapes: dict[int, tuple[int | None, int | None]] = {}
+    per_layer = text.get("per_layer_config")
+    items: list[tuple[Any, Any]] = []
+    if isinstance(per_layer, dict):
+        items = list(per_layer.items())
+    elif isinstance(per_layer, list):
+        items = list(enumerate(per_layer))
+    for index, entry in items:
+        if isinstance(entry, dict) and str(index).isdigit() and int(index) < num_layers:
+            shapes[int(index)] = (_int(entry.get("num_key_value_heads")), _int(entry.get("head_dim")))
+    if shapes:
+        return shapes
+    global_dim = _int(text.get("global_head_dim"))
+    # vLLM uses the global KV head count on full layers only when K doubles as V (gemma4.py, attention_k_eq_v).
+    global_heads = _int(text.get("num_global_key_value_heads")) if text.get("attention_k_eq_v") else None
+    types = text.get("layer_types")
+    if (global_dim or global_heads) and isinstance(types, list):
+        for i, t in enumerate(types[:num_layers]):
+            if t == "full_attention":
+                shapes[i] = (global_heads, global_dim)
+    return shapes
+
+
+def _gemma4_layers(text: dict[str, Any], layers: list[LayerKind], notes: list[str]) -> list[LayerKind]:
+    """Apply Gemma 4's per-layer shapes and drop the KV-shared layers (they own no KV cache)."""
+    shapes = gemma4_layer_shapes(text, len(layers))
+    out = [LayerKind(layer.kind, layer.window, *shapes[i]) if i in shapes else layer for i, layer in enumerate(layers)]
+    shared = _int(text.get("num_kv_shared_layers")) or 0
+    if shared:
+        notes.append(f"the last {shared} layers share an earlier layer's KV cache (num_kv_shared_layers)")
+        out = out[: len(out) - shared]
+    return out
+
+
+def _vision(config: dict[str, Any], model_type: str) -> VisionFacts | None:
     vc = config.get("vision_config")
     if not isinstance(vc, dict):
         return None
@@ -177,28 +243,54 @@ def _vision(config: dict[str, Any]) -> VisionFacts | None:
     patch = _int(vc.get("patch_size")) or 14
     merge = _int(vc.get("spatial_merge_size")) or _int(config.get("spatial_merge_size")) or 1
     image = _int(vc.get("image_size"))
+    soft = _int(config.get("vision_soft_tokens_per_image")) or _int(vc.get("default_output_length"))
+    if soft:
+        # Gemma 4: a fixed budget of soft tokens per image, each pooled from pooling_kernel_size² patches.
+        pool = _int(vc.get("pooling_kernel_size")) or 1
+        return VisionFacts(
+            hidden_size=hidden,
+            intermediate_size=inter,
+            patches_per_image=soft * pool * pool,
+            tokens_per_image=soft,
+            batch_floor=MM_ITEM_MAX_TOKENS.get(model_type),
+        )
     # Fixed-size tiles, or dynamic resolution (Qwen2-VL family) up to the processor's default max_pixels, 3584².
     patches = (image // patch) ** 2 if image else 12_845_056 // (patch * patch)
     tokens = _int(config.get("mm_tokens_per_image"))
     if tokens is None:
         scale = _int(config.get("scale_factor")) or 1
         tokens = max(1, patches // (merge * merge) // (scale * scale))
-    return VisionFacts(hidden_size=hidden, intermediate_size=inter, patches_per_image=patches, tokens_per_image=tokens)
+    return VisionFacts(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        patches_per_image=patches,
+        tokens_per_image=tokens,
+        batch_floor=MM_ITEM_MAX_TOKENS.get(model_type),
+    )
 
 
-def model_facts_from_config(config: dict[str, Any], name: str, source: str = "config.json") -> ModelFacts:
-    """Resolve :class:`ModelFacts` from a parsed config.json; raises :class:`InputError` naming missing fields."""
+def resolved_text_config(config: dict[str, Any], notes: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """The language model's section of ``config`` with transformers' defaults filled in, and its model type."""
     text = dict(_text_section(config))
     top_type = str(config.get("model_type", ""))
     model_type = str(text.get("model_type", top_type))
     if model_type == "gemma3" or (top_type == "gemma3" and not text.get("model_type")):
         model_type = "gemma3_text"
-    defaults = TYPE_DEFAULTS.get(model_type, {})
-    notes: list[str] = []
-    for key, value in defaults.items():
+    if model_type == "gemma4":
+        model_type = "gemma4_text"
+    for key, value in TYPE_DEFAULTS.get(model_type, {}).items():
         if key not in text:  # an explicit null (Mistral's "sliding_window": null) is kept: it means "none"
-            notes.append(f"{key} not in config: using the {model_type} default {value}")
+            if notes is not None:
+                notes.append(f"{key} not in config: using the {model_type} default {value}")
             text[key] = value
+    return text, model_type
+
+
+def model_facts_from_config(config: dict[str, Any], name: str, source: str = "config.json") -> ModelFacts:
+    """Resolve :class:`ModelFacts` from a parsed config.json; raises :class:`InputError` naming missing fields."""
+    top_type = str(config.get("model_type", ""))
+    notes: list[str] = []
+    text, model_type = resolved_text_config(config, notes)
     archs = config.get("architectures")
     architecture = str(archs[0]) if isinstance(archs, list) and archs else top_type or "unknown"
 
@@ -238,6 +330,8 @@ def model_facts_from_config(config: dict[str, Any], name: str, source: str = "co
         notes.append(f"MLA: one latent of {mla_dim} values per token per layer")
     else:
         layers = _layer_kinds(text, num_layers, model_type, notes)
+        if model_type == "gemma4_text":
+            layers = _gemma4_layers(text, layers, notes)
     experts = _int(text.get("num_local_experts")) or _int(text.get("num_experts")) or _int(text.get("n_routed_experts"))
     rope = text.get("rope_scaling") or text.get("rope_parameters")
     partial = text.get("partial_rotary_factor")
@@ -259,11 +353,16 @@ def model_facts_from_config(config: dict[str, Any], name: str, source: str = "co
         dtype_bytes=dtype_bytes,
         layers=layers,
         mla_latent_dim=mla_dim,
-        vision=_vision(config),
+        vision=_vision(config, top_type if top_type else model_type),
         num_experts=experts or 0,
         rotary_dim=rotary,
         notes=notes,
     )
+
+
+def read_config(model: Path) -> dict[str, Any]:
+    """The parsed config.json of ``model`` (a directory or the file itself)."""
+    return _read_json(model / "config.json" if model.is_dir() else model)
 
 
 def load_model_facts(model: Path) -> tuple[ModelFacts, Path | None]:

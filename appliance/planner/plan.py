@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import InputError, UsageError
-from appliance.planner.accounting import GIB, Budget, Knobs, budget_for
+from appliance.planner.accounting import GIB, SMALL_GPU_BATCHED_TOKENS, Budget, Knobs, budget_for
+from appliance.planner.flag_reasons import explain_flags
 from appliance.planner.hardware_profile import PROFILES, HardwareProfile
-from appliance.planner.model_config import ModelFacts, load_model_facts
+from appliance.planner.model_config import ModelFacts, load_model_facts, read_config
 from appliance.planner.safetensors_header import read_checkpoint
 from appliance.planner.topology import sessions_per_replica, tp_candidates
+from appliance.planner.unified import START_MARGIN_GIB, clinic_limits, kv_for_sessions, sized_budget, start_utilization
+from appliance.planner.weights_estimate import estimate_weights
 from appliance.vllm_server import CPU_PROFILE_ARGS, CPU_PROFILE_ENV
 
 __all__ = ["DEFAULT_UNIFIED_RESERVE_GIB", "UNIFIED_MAX_UTILIZATION", "Plan", "PlanInputs", "make_plan"]
@@ -31,6 +34,12 @@ DEFAULT_UNIFIED_RESERVE_GIB = 8.0
 UNIFIED_MAX_UTILIZATION = 0.85
 # Below this context a clinic session is not useful (a radiograph's image tokens plus a short report).
 MIN_USEFUL_TOKENS = 256
+# The checkpoints a "does not fit" plan prices instead of this one's 16-bit weights (weights_estimate.py).
+QUANTIZED_ALTERNATIVES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("FP8 (128 × 128 blocks)", {"quant_method": "fp8", "weight_block_size": [128, 128]}),
+    ("4-bit AWQ (group 128)", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}),
+)
+BIGGER_BOXES = ("h200",)
 CPU_DEFAULT_MAX_LEN = int(CPU_PROFILE_ARGS[CPU_PROFILE_ARGS.index("--max-model-len") + 1])
 CPU_DEFAULT_KV_GIB = int(CPU_PROFILE_ENV["VLLM_CPU_KVCACHE_SPACE"])
 
@@ -77,6 +86,12 @@ class Plan:
     kv_cache_memory_bytes: int | None = None
     cpu_kv_gib: int | None = None
     notes: list[str] = field(default_factory=list)
+    # Unified memory: the utilization the budget was planned at (min(0.85, (available − reserve) / total)) and what
+    # it would hold; the budget itself then asks vLLM only for what the engine takes (appliance/planner/unified.py).
+    utilization_ceiling: float | None = None
+    ceiling_concurrency: float | None = None
+    start_margin_gib: float | None = None
+    flag_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -104,22 +119,26 @@ def _floor2(x: float) -> float:
 
 
 def _weights(inputs: PlanInputs, facts: ModelFacts, model_dir: Path | None) -> tuple[int, str]:
-    """Whole-model weight bytes as vLLM loads them, and where the figure came from."""
+    """Whole-model weight bytes as vLLM loads them, and where the figure came from.
+
+    --weights-gib wins; then the safetensors headers (exact); without them the estimate from config.json
+    (weights_estimate.py), which a bare config or a model directory before its download gets.
+    """
     if inputs.weights_gib is not None:
         if inputs.weights_gib <= 0:
             raise UsageError(f"--weights-gib {inputs.weights_gib} must be positive.", "Give the weights in GiB.")
         return int(inputs.weights_gib * GIB), "--weights-gib"
-    ckpt = read_checkpoint(model_dir) if model_dir is not None else None
-    if ckpt is None:
-        where = f"{model_dir} has no *.safetensors files" if model_dir else f"{inputs.model} is a bare config file"
-        raise InputError(
-            f"Cannot weigh the model: {where}.",
-            "Plan from the model directory with its safetensors files, or give the weights' size with "
-            "--weights-gib (e.g. --weights-gib 14.99 for Llama-3.1-8B in bf16).",
-        )
     # vLLM also keeps each rotary embedding's cos/sin cache (max positions × rotary dim, model dtype) on the GPU.
     rope = facts.max_position_embeddings * facts.rotary_dim * facts.dtype_bytes
-    return ckpt.tensor_bytes + rope, f"safetensors headers ({len(ckpt.files)} file(s), {ckpt.num_params:,} values)"
+    ckpt = read_checkpoint(model_dir) if model_dir is not None else None
+    if ckpt is not None:
+        return ckpt.tensor_bytes + rope, f"safetensors headers ({len(ckpt.files)} file(s), {ckpt.num_params:,} values)"
+    est = estimate_weights(read_config(inputs.model), str(inputs.model))
+    where = "no *.safetensors files" if model_dir is not None else "a bare config"
+    return est.loaded_bytes + rope, (
+        f"estimated from config.json ({where}; {est.params:,} values, {est.quantization}; give --weights-gib to "
+        "override)"
+    )
 
 
 def _default_utilization(inputs: PlanInputs) -> float:
@@ -147,8 +166,14 @@ def _budget(ctx: _Ctx, tp: int, util: float, knobs: Knobs, *, inputs: PlanInputs
         knobs=knobs,
         kv_bytes_measured=measured,
     )
+    floor = facts.vision.batch_floor if facts.vision is not None and ctx.images else None
     if util <= 0 or util > 1:
         b.startup_error = f"--gpu-memory-utilization {util} is outside (0, 1]"
+    elif floor and knobs.batched_tokens() < floor:
+        b.startup_error = (
+            f"Chunked MM input disabled but max_tokens_per_mm_item ({floor}) is larger than max_num_batched_tokens "
+            f"({knobs.batched_tokens()}); give --max-num-batched-tokens {floor} or more"
+        )
     elif hw.available_gib is not None and b.requested_bytes > hw.available_gib * GIB:
         b.startup_error = (
             f"Free memory on device ({hw.available_gib:.2f}/{hw.total_gib:.2f} GiB) on startup is less than desired "
@@ -238,7 +263,9 @@ def make_plan(inputs: PlanInputs) -> Plan:
 
     hw = inputs.hardware
     util = _default_utilization(inputs)
-    knobs = dataclasses.replace(inputs.knobs, big_gpu=hw.big_gpu, device="cuda", gpu_memory_utilization=util)
+    knobs = dataclasses.replace(
+        _box_knobs(inputs, facts), big_gpu=hw.big_gpu, device="cuda", gpu_memory_utilization=util
+    )
     candidates = [inputs.tp] if inputs.tp else tp_candidates(hw.gpus, facts.num_attention_heads, facts.num_kv_heads)
     tried: list[tuple[str, int, Budget, int]] = []
     for tp in candidates:
@@ -256,8 +283,14 @@ def make_plan(inputs: PlanInputs) -> Plan:
     budget.max_model_len = run_len
     tp = budget.tp
     replicas = max(1, hw.gpus // tp)
+    ceiling_budget = budget
+    if hw.unified and verdict != "does-not-fit" and inputs.knobs.gpu_memory_utilization is None:
+        # vLLM checks free ≥ total × utilization before loading even with the KV cache pinned
+        # (vllm/v1/worker/utils.py request_memory): ask it only for what the engine takes (unified.py).
+        kv = kv_for_sessions(budget, sessions)
+        budget = sized_budget(budget, kv, start_utilization(budget, kv, util))
 
-    reasons = _reasons(ctx, verdict, budget, sessions, util)
+    reasons = _reasons(ctx, verdict, budget, sessions, budget.utilization)
     plan = Plan(
         facts=facts,
         model_dir=model_dir,
@@ -281,9 +314,30 @@ def make_plan(inputs: PlanInputs) -> Plan:
     if hw.unified and budget.kv_bytes > 0:
         # Pin the KV cache so its size does not move with the page cache at the next start.
         plan.kv_cache_memory_bytes = budget.kv_bytes // (1024 * 1024) * (1024 * 1024)
+    if budget is not ceiling_budget:
+        plan.utilization_ceiling = util
+        plan.ceiling_concurrency = ceiling_budget.max_concurrency()
+        plan.start_margin_gib = START_MARGIN_GIB
     if verdict != "fits":
         plan.suggestions = _suggestions(ctx, sessions, plan)
+    plan.flag_reasons = explain_flags(plan, inputs)
     return plan
+
+
+def _box_knobs(inputs: PlanInputs, facts: ModelFacts) -> Knobs:
+    """The user's knobs; on unified memory with --max-num-seqs / --max-num-batched-tokens sized for the clinic.
+
+    A model that schedules each image whole (Gemma 4: 2496 tokens) gets --max-num-batched-tokens raised to that floor
+    when vLLM's default for the box is below it and the user gave none: vLLM refuses to start otherwise.
+    """
+    knobs = inputs.knobs
+    if inputs.hardware.unified:
+        knobs = clinic_limits(knobs, facts, inputs.concurrency)
+    floor = facts.vision.batch_floor if facts.vision is not None and inputs.images_per_request != 0 else None
+    box = dataclasses.replace(knobs, big_gpu=inputs.hardware.big_gpu)
+    if floor and knobs.max_num_batched_tokens is None and box.batched_tokens() < floor:
+        knobs = dataclasses.replace(knobs, max_num_batched_tokens=floor)
+    return knobs
 
 
 def _reasons(ctx: _Ctx, verdict: str, b: Budget, sessions: int, util: float) -> list[str]:
@@ -320,21 +374,65 @@ def _reasons(ctx: _Ctx, verdict: str, b: Budget, sessions: int, util: float) -> 
     return reasons
 
 
-def _alt_fits(ctx: _Ctx, tp: int, sessions: int, **changes: Any) -> bool:
+def _alt_budget(ctx: _Ctx, tp: int, **changes: Any) -> Budget:
+    """The budget the same request would get with ``changes`` (kv_cache_dtype, weights, hardware)."""
     inputs = ctx.inputs
-    knob_changes = {k: v for k, v in changes.items() if k in ("kv_cache_dtype",)}
+    knob_changes = {k: v for k, v in changes.items() if k in ("kv_cache_dtype", "max_num_batched_tokens")}
     hw = changes.get("hardware", inputs.hardware)
     alt_inputs = dataclasses.replace(inputs, hardware=hw, kv_cache_gib=None if changes else inputs.kv_cache_gib)
     util = _default_utilization(alt_inputs)
     knobs = dataclasses.replace(
-        inputs.knobs, big_gpu=hw.big_gpu, device="cuda", gpu_memory_utilization=util, **knob_changes
+        _box_knobs(alt_inputs, ctx.facts),
+        big_gpu=hw.big_gpu,
+        device="cuda",
+        gpu_memory_utilization=util,
+        **knob_changes,
     )
-    alt_ctx = dataclasses.replace(ctx, weights=int(ctx.weights * changes.get("weights_scale", 1.0)))
-    b = _budget(alt_ctx, tp, util, knobs, inputs=alt_inputs)
-    return _classify(b, sessions, ctx.max_len)[0] == "fits"
+    alt_ctx = dataclasses.replace(ctx, weights=int(changes.get("weights", ctx.weights)))
+    return _budget(alt_ctx, tp, util, knobs, inputs=alt_inputs)
+
+
+def _fit_text(b: Budget, sessions: int, max_len: int) -> tuple[bool, str | None]:
+    """(whether the full request fits, what the budget gives: sessions at max_len or the longest context)."""
+    if b.startup_error or b.policy_error or b.kv_bytes <= 0:
+        return False, None
+    held = b.max_concurrency(max_len)
+    if held >= sessions:
+        return True, f"fits, {held:.2f} sessions of {max_len:,} tokens"
+    best = b.largest_len(sessions, upper=max_len)
+    return False, (f"{sessions} session(s) of up to {best:,} tokens" if best >= MIN_USEFUL_TOKENS else None)
+
+
+def _smaller_batch(ctx: _Ctx, plan: Plan) -> int | None:
+    """A smaller --max-num-batched-tokens worth pricing: for sliding-window models whose reservation follows it."""
+    if ctx.inputs.knobs.max_num_batched_tokens is not None or not any(
+        g.kind == "sliding" for g in plan.budget.layout.groups
+    ):
+        return None
+    vision = ctx.facts.vision
+    floor = max(SMALL_GPU_BATCHED_TOKENS, (vision.batch_floor or 0) if vision is not None else 0)
+    return floor if floor < plan.knobs.batched_tokens() else None
+
+
+def _quantized_weights(ctx: _Ctx) -> list[tuple[str, int]]:
+    """Whole-model weights of this model's FP8 and 4-bit checkpoints, estimated from its config (none if it is
+    quantized already)."""
+    try:
+        config = read_config(ctx.inputs.model)
+        base = estimate_weights(config)
+    except InputError:
+        return []
+    if base.quantization != "16-bit":
+        return []
+    out = []
+    for label, qc in QUANTIZED_ALTERNATIVES:
+        alt = estimate_weights({**config, "quantization_config": qc})
+        out.append((label, ctx.weights - base.loaded_bytes + alt.loaded_bytes))
+    return out
 
 
 def _suggestions(ctx: _Ctx, sessions: int, plan: Plan) -> list[str]:
+    """What would fit instead, each alternative planned with the same accounting and its fit stated."""
     inputs, facts, max_len = ctx.inputs, ctx.facts, ctx.max_len
     out: list[str] = []
     b, tp, hw = plan.budget, plan.tp, inputs.hardware
@@ -347,27 +445,47 @@ def _suggestions(ctx: _Ctx, sessions: int, plan: Plan) -> list[str]:
         out.append(
             f"At --max-model-len {max_len} this box holds {b.max_concurrency(max_len):.2f} session(s) per replica."
         )
-    if not inputs.knobs.kv_cache_dtype.startswith("fp8") and _alt_fits(ctx, tp, sessions, kv_cache_dtype="fp8"):
-        out.append("An fp8 KV cache (--kv-cache-dtype fp8) halves KV memory and fits the full request.")
-    for scale, label in ((0.5, "FP8"), (0.28, "4-bit (AWQ/GPTQ)")):
-        if _alt_fits(ctx, tp, sessions, weights_scale=scale):
-            out.append(f"A {label} quantized checkpoint of this model fits the full request.")
-            break
+    if not inputs.knobs.kv_cache_dtype.startswith("fp8"):
+        _, fit = _fit_text(_alt_budget(ctx, tp, kv_cache_dtype="fp8"), sessions, max_len)
+        if fit:
+            out.append(f"An fp8 KV cache (--kv-cache-dtype fp8, half the KV memory): {fit}.")
+    smaller = _smaller_batch(ctx, plan)
+    if smaller:
+        _, fit = _fit_text(_alt_budget(ctx, tp, max_num_batched_tokens=smaller), sessions, max_len)
+        if fit:
+            out.append(
+                f"--max-num-batched-tokens {smaller} (each request's sliding-window layers reserve the tokens in "
+                f"flight, {b.in_flight_tokens:,} now): {fit}."
+            )
+    for label, weights in _quantized_weights(ctx):
+        _, fit = _fit_text(_alt_budget(ctx, tp, weights=weights), sessions, max_len)
+        if fit:
+            out.append(f"A {label} checkpoint of this model ({weights / GIB:.1f} GiB of weights): {fit}.")
     if not hw.unified:
+        partial: str | None = None
         for more in (2, 4, 8):
-            if more <= tp:
+            if more <= tp or facts.num_attention_heads % more:
                 continue
             bigger = dataclasses.replace(hw, gpus=more, available_gib=None)
-            if facts.num_attention_heads % more == 0 and _alt_fits(ctx, more, sessions, hardware=bigger):
-                if more <= hw.gpus:
-                    out.append(f"Tensor parallelism over {more} GPUs (--tp {more}) fits the full request.")
-                else:
-                    out.append(f"{more} such GPUs with --tp {more} would fit the full request.")
+            full, fit = _fit_text(_alt_budget(ctx, more, hardware=bigger), sessions, max_len)
+            what = (
+                f"Tensor parallelism over {more} GPUs (--tp {more})"
+                if more <= hw.gpus
+                else f"{more} such GPUs with --tp {more}"
+            )
+            if full:
+                out.append(f"{what}: {fit}.")
+                partial = None
                 break
-    for name in ("h200",):
+            partial = f"{what}: {fit}." if fit else partial
+        if partial:
+            out.append(partial)
+    for name in BIGGER_BOXES:
         box = PROFILES[name]
-        if box.total_gib > hw.total_gib and _alt_fits(ctx, 1, sessions, hardware=box):
-            out.append(f"A bigger box fits it: one {box.device_name} ({box.total_gib:g} GiB).")
+        if box.total_gib > hw.total_gib:
+            _, fit = _fit_text(_alt_budget(ctx, 1, hardware=box), sessions, max_len)
+            if fit:
+                out.append(f"A bigger box: one {box.device_name} ({box.total_gib:g} GiB): {fit}.")
     if not out:
         out.append("Choose a smaller model, or a box with more GPU memory.")
     return out
@@ -434,4 +552,5 @@ def _cpu_plan(ctx: _Ctx) -> Plan:
         plan.suggestions = (
             [f"Largest max-model-len for {sessions} session(s): --max-model-len {largest}."] if largest else []
         ) + [f"Raise the KV cache (--kv-cache-gib {kv_gib + 1}) if the host has the memory."]
+    plan.flag_reasons = explain_flags(plan, inputs)
     return plan

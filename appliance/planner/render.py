@@ -6,7 +6,7 @@ import shlex
 from collections import Counter
 from typing import Any
 
-from appliance.planner.accounting import GIB
+from appliance.planner.accounting import GIB, Budget
 from appliance.planner.envfile import replica_env, vllm_args
 from appliance.planner.plan import Plan
 
@@ -46,8 +46,12 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         "hardware": {key: round(v, 2) if isinstance(v, float) else v for key, v in plan.hardware.to_dict().items()},
         "vllm_version": ".".join(str(x) for x in k.vllm_version),
         "total_gib": _gib(b.total_bytes),
-        "gpu_memory_utilization": k.gpu_memory_utilization if plan.hardware.kind == "cuda" else None,
+        "gpu_memory_utilization": b.utilization if plan.hardware.kind == "cuda" else None,
+        "utilization_ceiling": plan.utilization_ceiling,
+        "ceiling_concurrency": round(plan.ceiling_concurrency, 2) if plan.ceiling_concurrency is not None else None,
+        "start_margin_gib": plan.start_margin_gib,
         "requested_gib": _gib(b.requested_bytes),
+        "requested_bytes": b.requested_bytes,
         "weights_gib": _gib(b.weights_bytes),
         "weights_source": plan.weights_source,
         "activation_gib": _gib(b.activation_bytes),
@@ -66,13 +70,20 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         "concurrency": plan.concurrency,
         "sessions_per_replica": plan.sessions_per_replica,
         "images_per_request": plan.images_per_request,
-        "max_num_batched_tokens": b.in_flight_tokens,
+        "max_num_batched_tokens": k.batched_tokens(),
+        "in_flight_tokens": b.in_flight_tokens,
         "max_num_seqs": k.num_seqs(),
         "unified_reserve_gib": plan.reserve_gib,
         "topology": {"replicas": plan.replicas, "tp": plan.tp, "gpus": plan.hardware.gpus},
         "vllm_args": vllm_args(plan, 0),
+        "flag_reasons": plan.flag_reasons,
         "replicas": replicas,
     }
+
+
+def _block_text(b: Budget) -> str:
+    """16, or 16/32 when unified pages give some groups a larger block (Gemma 4's full layers)."""
+    return "/".join(str(size) for size in sorted({g.block_size for g in b.layout.groups}))
 
 
 def _groups_text(plan: Plan) -> str:
@@ -110,14 +121,14 @@ def plan_table(plan: Plan) -> str:
         rows.append(("= host memory vLLM takes", b.requested_bytes / GIB, ""))
     else:
         rows.append(("total (as CUDA reports it)", b.total_bytes / GIB, ""))
-        rows.append((f"× gpu-memory-utilization {k.gpu_memory_utilization:g}", b.requested_bytes / GIB, "requested"))
+        rows.append((f"× gpu-memory-utilization {b.utilization:g}", b.requested_bytes / GIB, "requested"))
         per = f" / TP {plan.tp}" if plan.tp > 1 else ""
         rows.append(("− weights" + per, b.weights_bytes / GIB, plan.weights_source))
         rows.append(
             (
                 "− peak activation (estimate)",
                 b.activation_bytes / GIB,
-                f"{b.in_flight_tokens} batched tokens, {k.num_seqs()} sequences",
+                f"{k.batched_tokens()} batched tokens, {k.num_seqs()} sequences",
             )
         )
         rows.append(("− non-torch (estimate)", b.non_torch_bytes / GIB, "CUDA context, NCCL"))
@@ -129,6 +140,10 @@ def plan_table(plan: Plan) -> str:
         if plan.kv_cache_memory_bytes:
             note = f"pinned: --kv-cache-memory-bytes {plan.kv_cache_memory_bytes}"
         rows.append(("= KV cache", b.kv_bytes / GIB, note))
+        graphs = b.cudagraph_bytes if k.estimates_cudagraphs else 0
+        left = b.requested_bytes - b.weights_bytes - b.activation_bytes - b.non_torch_bytes - graphs - b.kv_bytes
+        if plan.utilization_ceiling is not None and left > 0:
+            rows.append(("  left in the request (margin)", left / GIB, "vLLM's start-up check asks for it too"))
     width = max(len(r[0]) for r in rows) + 2
     lines.append(f"  {'per GPU' if hw.kind == 'cuda' else 'host':<{width}}{'GiB':>9}")
     for label, value, note in rows:
@@ -136,7 +151,7 @@ def plan_table(plan: Plan) -> str:
     lines.append("")
     if b.kv_bytes > 0:
         lines.append(
-            f"  KV cache: {b.num_blocks:,} blocks of {b.layout.block_size} tokens, {_groups_text(plan)}, "
+            f"  KV cache: {b.num_blocks:,} blocks of {_block_text(b)} tokens, {_groups_text(plan)}, "
             f"{b.layout.bytes_per_token() / 1024:.1f} KiB per token"
         )
         lines.append(
@@ -154,6 +169,10 @@ def plan_table(plan: Plan) -> str:
         lines.append("what would fit:")
         lines.extend(f"  - {s}" for s in plan.suggestions)
     lines.append("")
+    if plan.flag_reasons:
+        lines.append("why these flags:")
+        lines.extend(f"  --{flag} {why}" for flag, why in plan.flag_reasons.items())
+        lines.append("")
     for i in range(plan.replicas):
         env = replica_env(plan, i)
         prefix = " ".join(

@@ -138,14 +138,29 @@ ROWS = [
         non_torch=0.07,
     ),
 ]
+# The full config.json each row's checkpoint was built from, for planning with weights estimated from it (fixtures;
+# rows 2/3 are Llama-3.3-70B-Instruct-FP8-dynamic, row 6 Mistral-Small-3.2 = 3.1's architecture).
+ESTIMATE_CONFIGS = {
+    1: "full/Llama-3.1-8B-Instruct",
+    2: "full/Llama-3.3-70B-Instruct-FP8-dynamic",
+    3: "full/Llama-3.3-70B-Instruct-FP8-dynamic",
+    4: "Qwen3-32B",
+    6: "full/Mistral-Small-3.1-24B-Instruct-2503",
+    7: "Qwen3-0.6B",
+    8: "gpt-oss-20b",
+    9: "Qwen3-8B",
+    11: "full/Llama-3.1-70B-Instruct",
+    16: "gemma-3-4b-it",
+}
 # Rows with every term of the identity: the planner estimates activation and non-torch memory itself.
 ESTIMATED = [r for r in ROWS if r.weights is not None and not r.startup_fails]
 # Rows with logged tokens: given the logged KV memory, blocks/tokens/concurrency must follow exactly.
 WITH_TOKENS = [r for r in ROWS if r.tokens is not None]
 
 
-def predict(row: Row, *, measured_kv: bool = False) -> Plan:
-    """The planner's plan for ``row`` (with the logged KV memory when ``measured_kv``)."""
+def predict(row: Row, *, measured_kv: bool = False, estimated_weights: bool = False) -> Plan:
+    """The planner's plan for ``row`` (with the logged KV memory when ``measured_kv``; with the weights estimated from
+    the row's full config.json instead of the logged ones when ``estimated_weights``)."""
     hardware = custom_profile(row.total_gib, row.tp, unified=False)
     knobs = Knobs(
         vllm_version=row.version,
@@ -155,23 +170,31 @@ def predict(row: Row, *, measured_kv: bool = False) -> Plan:
     )
     return make_plan(
         PlanInputs(
-            model=FIXTURES / f"{row.fixture}.json",
+            model=FIXTURES / f"{ESTIMATE_CONFIGS[row.number] if estimated_weights else row.fixture}.json",
             hardware=hardware,
             knobs=knobs,
             max_model_len=row.max_model_len,
             tp=row.tp,
-            weights_gib=(row.weights or 1.0) * row.tp,
+            weights_gib=None if estimated_weights else (row.weights or 1.0) * row.tp,
             kv_cache_gib=row.kv if measured_kv else None,
         )
     )
+
+
+def estimated_kv_error(row: Row) -> float | None:
+    """Planned minus logged KV GiB when the weights, activation and non-torch memory are all estimated."""
+    logged = row.logged_kv
+    if logged is None:
+        return None
+    return predict(row, estimated_weights=True).budget.kv_bytes / GIB - logged
 
 
 def error_table() -> str:
     """The per-row errors, for the report (``python -m tests.unit.planner.ground_truth``)."""
     lines = [
         "| # | model | TP | KV logged | KV planned | error GiB | Act logged | Act est. | Tok logged | Tok planned | "
-        "error % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "error % | KV, weights from config | error GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         plan = predict(row)
@@ -192,9 +215,11 @@ def error_table() -> str:
         )
         act = f"{row.activation:.2f}" if row.activation is not None else "–"
         verdict = " (start-up fails: predicted)" if row.startup_fails and plan.verdict == "does-not-fit" else ""
+        est = predict(row, estimated_weights=True).budget.kv_bytes / GIB
+        err = estimated_kv_error(row)
         lines.append(
             f"| {row.number} | {row.fixture}{verdict} | {row.tp} | {kv_cell} | {act} | "
-            f"{b.activation_bytes / GIB:.2f} | {tok} |"
+            f"{b.activation_bytes / GIB:.2f} | {tok} | {est:.2f} | {'–' if err is None else f'{err:+.2f}'} |"
         )
     return "\n".join(lines)
 

@@ -42,8 +42,12 @@ def test_token_formula_changed_in_v021_for_hybrid_models() -> None:
     new = budget_for(f, knobs=Knobs(vllm_version=(0, 21)), **common)  # type: ignore[arg-type]
     assert old.num_blocks == new.num_blocks == 20 * GIB // (10 * 131072)
     assert old.kv_tokens == old.num_blocks // 7 * 16
-    assert new.kv_tokens == int(new.num_blocks / (2048 + 6 * 577) * 32768)
-    assert new.kv_tokens > 2 * old.kv_tokens  # sliding groups hold only their window
+    # From v0.21 two batches are in flight (async scheduling): each sliding group reserves
+    # cdiv(min(1023 + 2 × 8192, 32768), 16) + 1 = 1089 blocks (gemma4.md rows G3, G10).
+    assert new.kv_tokens == int(new.num_blocks / (2048 + 6 * 1089) * 32768)
+    assert new.kv_tokens > old.kv_tokens  # sliding groups hold only their window
+    sync = budget_for(f, knobs=Knobs(vllm_version=(0, 21), async_scheduling=False), **common)  # type: ignore[arg-type]
+    assert sync.kv_tokens == int(sync.num_blocks / (2048 + 6 * 577) * 32768)
 
 
 def test_cuda_graph_estimate_and_default_utilization_by_version() -> None:
@@ -77,7 +81,8 @@ def test_activation_grows_with_max_num_seqs_and_small_gpus_use_small_defaults() 
     few = budget_for(f, knobs=Knobs(max_num_seqs=64), **common)  # type: ignore[arg-type]
     small = budget_for(f, knobs=Knobs(big_gpu=False), **common)  # type: ignore[arg-type]
     assert big.activation_bytes > 4 * GIB > few.activation_bytes
-    assert small.in_flight_tokens == 2048 and small.activation_bytes < big.activation_bytes
+    # Two batches of 2048 tokens in flight under async scheduling (v0.21 on).
+    assert small.in_flight_tokens == 2 * 2048 and small.activation_bytes < big.activation_bytes
 
 
 def test_start_up_check_names_the_estimated_maximum_length() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.planner.accounting import GIB
-from tests.unit.planner.ground_truth import ESTIMATED, ROWS, WITH_TOKENS, Row, predict
+from tests.unit.planner.ground_truth import ESTIMATED, ROWS, WITH_TOKENS, Row, estimated_kv_error, predict
 
 # Row 6 (Mistral-Small-3.2 served in Mistral format) logged 2.12 GiB of activation, where the dummy sampler alone on
 # 1024 rows × 131k vocabulary takes ≈ 4.8 GiB on every other model; the planner stays on the safe side there.
@@ -70,3 +70,22 @@ def test_activation_estimates_track_the_vocabulary_not_the_model_size() -> None:
         if row.number not in KNOWN_OVERESTIMATE:
             assert row.activation is not None
             assert abs(by_number[row.number] - row.activation) <= 0.5
+
+
+# With the weights estimated from config.json too, every logged KV memory is reproduced within 1 GiB except row 6
+# (above, on the safe side); the worst are row 11 (+0.95, TP4, nothing but KV logged) and gpt-oss (+0.62: vLLM pads
+# the MXFP4 experts at load, which the checkpoint-based estimate does not count). `python -m
+# tests.unit.planner.ground_truth` prints the table.
+@pytest.mark.parametrize(
+    "row", [r for r in ROWS if r.logged_kv is not None and r.number not in KNOWN_OVERESTIMATE], ids=_id
+)
+def test_kv_memory_with_weights_estimated_from_the_config_within_one_gib(row: Row) -> None:
+    error = estimated_kv_error(row)
+    assert error is not None and abs(error) <= 1.0
+
+
+def test_every_row_plans_from_its_bare_config() -> None:
+    worst = max(abs(e) for r in ROWS if (e := estimated_kv_error(r)) is not None and r.number not in KNOWN_OVERESTIMATE)
+    assert worst < 1.0
+    (row3,) = [r for r in ROWS if r.number == 3]
+    assert predict(row3, estimated_weights=True).verdict == "does-not-fit"  # the FP8 70B still fails on one H100

@@ -275,7 +275,8 @@ def test_cpu_profile_env_reuses_the_cpu_constants(capsys: pytest.CaptureFixture[
     [
         (["{missing}"], "does not exist"),
         (["{badjson}", "--hardware", "h100", "--weights-gib", "1"], "not valid JSON"),
-        (["{bare}", "--hardware", "h100"], "--weights-gib"),
+        (["{noffn}", "--hardware", "h100"], "lacks intermediate_size, so the weights cannot be estimated"),
+        (["{quant}", "--hardware", "h100"], "the method 'bitsandbytes'"),
         (["{truncated}", "--hardware", "h100"], "truncated"),
         (["{bare}", "--hardware", "h100", "--gpu-mem-gib", "80", "--weights-gib", "1"], "both describe the GPU"),
         (["{bare}", "--unified-memory", "--weights-gib", "1"], "--unified-memory needs --gpu-mem-gib"),
@@ -305,6 +306,9 @@ def test_bad_input_is_one_clear_paragraph_and_exit_2(
     (tmp_path / "unknown.json").write_text(
         json.dumps({"architectures": ["X"], "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 10})
     )
+    doc = json.loads(bare.read_text())
+    (tmp_path / "noffn.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "intermediate_size"}))
+    (tmp_path / "quant.json").write_text(json.dumps({**doc, "quantization_config": {"quant_method": "bitsandbytes"}}))
     spaced = tmp_path / "my model"
     spaced.mkdir()
     (spaced / "config.json").write_text(bare.read_text())
@@ -315,6 +319,8 @@ def test_bad_input_is_one_clear_paragraph_and_exit_2(
         "bare": str(bare),
         "truncated": str(trunc),
         "unknown": str(tmp_path / "unknown.json"),
+        "noffn": str(tmp_path / "noffn.json"),
+        "quant": str(tmp_path / "quant.json"),
         "spaced": str(spaced),
     }
     code = main(["plan", *[a.format(**paths) for a in argv]])
@@ -380,7 +386,7 @@ def test_vision_model_passes_the_image_limit_and_checks_image_tokens(capsys: pyt
         "2",
     )
     assert code == 0 and doc["verdict"] == "fits" and "--limit-mm-per-prompt.image=2" in doc["vllm_args"]
-    assert doc["kv_layout"]["groups"] == [{"kind": "full", "window": None, "layers": 28}]
+    assert doc["kv_layout"]["groups"] == [{"kind": "full", "window": None, "layers": 28, "block_size": 16}]
     code = main(
         [
             "plan",
