@@ -231,6 +231,51 @@ def cuda_under_hardening(facts: Any) -> None:
                 mismatch(f"GPU {i}: NVML − CUDA = {delta:.2f} GiB, the planner assumes {NVML_TO_CUDA_GIB} GiB")
 
 
+NETWORK_PROBE = r"""
+import json, socket, sys, time
+server = socket.socket()
+server.bind((sys.argv[1], 0))
+server.listen()
+started = time.monotonic()
+try:
+    socket.create_connection(server.getsockname(), timeout=10).close()
+    result = "connected"
+except OSError as exc:
+    result = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"result": result, "seconds": time.monotonic() - started}))
+"""
+
+
+def network_fence() -> None:
+    """The unit's IP fence: a connection to one of this box's own non-loopback addresses must fail at once.
+
+    (The CPU rehearsal cannot show this: in its container systemd has no cgroup-v2 BPF firewall, so IPAddressDeny is
+    not enforced there.)
+    """
+    step("the vLLM unit's network fence (IPAddressDeny=any, IPAddressAllow=localhost)")
+    if not (Path("/run/systemd/system").is_dir() and os.geteuid() == 0):
+        show("skipped", "needs systemd as PID 1 and root; not a mismatch")
+        return
+    proc = run(["ip", "-o", "-4", "addr", "show", "scope", "global"])
+    addresses = re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/", proc.stdout if proc else "")
+    if not addresses:
+        show("skipped", "this box has no non-loopback IPv4 address to aim at; not a mismatch")
+        return
+    props = [p for p in unit_properties() if p.split("=")[0] in ("IPAddressDeny", "IPAddressAllow")]
+    plain = run([sys.executable, "-c", NETWORK_PROBE, addresses[0]])
+    fence = [a for p in props for a in ("-p", p)]
+    fenced = run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect", *fence, sys.executable, "-c",
+                  NETWORK_PROBE, addresses[0]])  # fmt: skip
+    show("without the fence", plain.stdout.strip() if plain else "did not run")
+    show("with the unit's fence", fenced.stdout.strip() if fenced else "did not run")
+    if fenced is None or not fenced.stdout.strip():
+        mismatch("the fenced probe did not run")
+        return
+    outcome = json.loads(fenced.stdout.strip().splitlines()[-1])
+    if not outcome["result"].startswith("PermissionError") or outcome["seconds"] > 1:
+        mismatch(f"the unit's IP fence did not refuse at once: {outcome}")
+
+
 def toolchain() -> None:
     step("what vLLM needs at its first start")
     show("cc / gcc", f"{shutil.which('cc')} / {shutil.which('gcc')}")
@@ -252,6 +297,7 @@ def main() -> int:
     hardware_module(smi)
     if facts.driver_works:
         cuda_under_hardening(facts)
+    network_fence()
     toolchain()
     print(f"\n{len(mismatches)} mismatch(es) in {time.monotonic() - started:.0f} s")
     for text in mismatches:
