@@ -4,17 +4,29 @@ Routes: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` (bot
 ``GET /healthz``, ``GET /readyz``, ``GET /metrics``. No other vLLM route (``/invocations``, ``/tokenize``,
 ``/pause``, ...) is reachable through the gateway.
 
-A chat request goes: key → admission → validation (see :mod:`validate`) → least-busy admitted replica → relay (see
-:mod:`relay`) → audit line, from callback to callback; the streamed bytes never pass through a task.
+A chat request goes: route, key and Content-Type (when its head is complete, before the body is read) → admission →
+validation (see :mod:`validate`) → least-busy admitted replica → relay (see :mod:`relay`) → audit line, from
+callback to callback; the streamed bytes never pass through a task.
+
+One rule for every request, whatever fails inside: each request has a :class:`_Scope` that records what it holds (an
+admission slot, a count on a replica, a connection to vLLM, a relay), and :meth:`Gateway._end` is the one place that
+gives all of it back, counts the request and writes its one audit line. Every way into a request's code from the
+event loop (the read that completed it, the tasks that wait for it, vLLM's callbacks, the stall watchdog) goes
+through a guard that hands any exception to :meth:`Gateway._fail`: a :class:`RejectedError` is the client's 4xx,
+anything else our 500 (logged with the request id and the stack, never the request's content), and then ``_end``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
+import sys
 import time
+import traceback
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +35,7 @@ import aiohttp
 from appliance.gateway.admission import Admission
 from appliance.gateway.audit import AuditLog
 from appliance.gateway.config import GatewayConfig
-from appliance.gateway.http11 import ClientConnection, Completion, Pending, Request
+from appliance.gateway.http11 import ClientConnection, Completion, Pending, Refusal, Request
 from appliance.gateway.metrics import Metrics
 from appliance.gateway.relay import (
     ConnectionPool,
@@ -47,6 +59,18 @@ KEY_HELP = (
 )
 _JSON = (b"content-type", b"application/json")
 _MAX_ATTEMPTS = 4  # connection attempts per request, over all replicas
+_PROBES = ("/healthz", "/readyz", "/metrics")  # answered at once, not audited (scraped every few seconds)
+_METHODS = {CHAT_PATH: ("POST",), MODELS_PATH: ("GET",), "/healthz": ("GET", "HEAD"), "/readyz": ("GET", "HEAD"),
+            "/metrics": ("GET",)}  # fmt: skip
+_ROUTE_NAMES = {CHAT_PATH: "chat", MODELS_PATH: "models"}
+_INTERNAL_ERROR = (
+    "The gateway failed on this request (a bug, logged on the box with this request id). Retry; if it repeats, "
+    "report the x-request-id to the clinic's IT."
+)
+_MEDIA_TYPE_MESSAGE = (
+    "The request's Content-Type is not application/json; vLLM accepts only that (HTTP 400). Send the body as JSON "
+    "with 'Content-Type: application/json' (an OpenAI SDK does)."
+)
 
 
 def _error_doc(status: int, code: str, message: str, param: str | None = None) -> bytes:
@@ -59,22 +83,28 @@ def _error_doc(status: int, code: str, message: str, param: str | None = None) -
 
 
 @dataclass(eq=False, slots=True)
-class _Chat:
-    """One chat request on its way through the callbacks."""
+class _Scope:
+    """One request from its head to its audit line: what it holds, each released once by :meth:`Gateway._end`."""
 
     conn: ClientConnection
     req: Request
     rid: str
-    rec: dict[str, Any]
+    route: str  # "chat", "models" or "other" (the audit log's route)
     started: float
-    key: str
+    rec: dict[str, Any]
+    key: str = ""
+    slot: bool = False  # holds an admission slot for ``key``
+    up: Upstream | None = None
+    up_held: bool = False  # counted in ``up.inflight``
+    upconn: UpstreamConnection | None = None
+    relay: Relay | None = None
     valid: ValidRequest | None = None
     result: RelayResult = field(default_factory=RelayResult)
     tried: tuple[Upstream, ...] = ()
     attempts: int = 0
-    up: Upstream | None = None
     finished: Completion | None = None  # set done when the request is over (audit line written)
     waiting: asyncio.Task[None] | None = None  # connecting to vLLM
+    ended: bool = False
 
     def extra_headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-request-id", self.rid.encode()), (b"cache-control", b"no-cache")]
@@ -151,52 +181,190 @@ class Gateway:
 
     async def _watch_stalls(self) -> None:
         """End requests vLLM left without a first byte for ``first_byte_timeout_s``, and streams it left silent
-        mid-answer (a hung engine) for ``stall_timeout_s``; checking a few times per timeout."""
+        mid-answer (a hung engine) for ``stall_timeout_s``; checking a few times per timeout. Also close upstream
+        connections idle for longer than ``upstream_keepalive_s``."""
         limit = self.cfg.stall_timeout_s
         interval = min(max(min(limit, self.cfg.first_byte_timeout_s) / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(interval)
-            self._check_stalls(time.monotonic(), limit)
+            now = time.monotonic()
+            self._check_stalls(now, limit)
+            self.conns.close_expired(now)
 
     def _check_stalls(self, now: float, limit: float) -> None:
         # A function of its own: a loop variable in the watchdog's frame would keep the last relay alive.
         for relay in list(self.relays):
-            relay.check_timeouts(now, limit)
+            try:
+                relay.check_timeouts(now, limit)
+            except Exception as exc:
+                relay.crash(exc)
 
-    # --- dispatch -----------------------------------------------------------------------------------------------
+    # --- dispatch: the one way in, and the one way out ----------------------------------------------------------
 
-    def handle(self, conn: ClientConnection, req: Request) -> Pending | None:
-        """Answer one request (the connection's handler): None when answered, else a future that resolves then."""
-        rid = f"{self._rid_random.getrandbits(64):016x}"
+    def check_head(self, req: Request) -> None:
+        """The checks that need only the head (the connection's head check): route, key, Content-Type. Sets
+        ``req.refusal`` (the body is then never read) or ``req.key``."""
+        req.checked = True
+        try:
+            req.refusal = self._head_refusal(req)
+        except Exception as exc:  # a bug: answered as a 500 by handle(), like any other
+            _log_crash("(head check)", exc)
+            req.refusal = Refusal(500, "internal_error", _INTERNAL_ERROR)
+
+    def _head_refusal(self, req: Request) -> Refusal | None:
         path, method = req.path, req.method
-        if path == CHAT_PATH and method == "POST":
-            return self._chat(conn, req, rid)
-        if path == MODELS_PATH and method == "GET":
-            return asyncio.get_running_loop().create_task(self._models(conn, req, rid))
-        if path == "/healthz" and method in ("GET", "HEAD"):
-            self._json(conn, req, 200, b'{"alive":true}', rid)
-        elif path == "/readyz" and method in ("GET", "HEAD"):
-            doc = self.pool.readiness()
-            self._json(conn, req, 200 if doc["ready"] else 503, json.dumps(doc).encode(), rid)
-        elif path == "/metrics" and method == "GET":
-            conn.respond(200, [(b"content-type", b"text/plain; version=0.0.4")], self.metrics.render().encode(), req)
-        else:
-            known = path in (CHAT_PATH, MODELS_PATH, "/healthz", "/readyz", "/metrics")
-            status, code = (405, "method_not_allowed") if known else (404, "not_found")
+        allowed = _METHODS.get(path)
+        if allowed is None or method not in allowed:
+            status, code = (405, "method_not_allowed") if allowed else (404, "not_found")
             message = (
                 f"{method} {path[:100]} is not served by the clinic gateway. It serves POST {CHAT_PATH}, "
                 f"GET {MODELS_PATH}, GET /healthz, GET /readyz and GET /metrics only."
             )
-            self._json(conn, req, status, _error_doc(status, code, message), rid)
-            rec = {"time": time.time(), "request_id": rid, "route": "other", "status": status, "reason": code}
-            self._finish(rec, time.perf_counter())
+            return Refusal(status, code, message)
+        if path in _PROBES:
+            return None
+        key, code, message = self._authenticate(req)
+        if key is None:
+            return Refusal(401, code, message, ((b"www-authenticate", b"Bearer"),))
+        req.key = key
+        if path == CHAT_PATH:
+            ctype = req.headers.get(b"content-type", b"")
+            # vLLM's validate_json_request: the media type before any ';' must be application/json, else 400.
+            if ctype.split(b";", 1)[0].strip().lower() != b"application/json":
+                return Refusal(400, "unsupported_media_type", _MEDIA_TYPE_MESSAGE)
         return None
+
+    def handle(self, conn: ClientConnection, req: Request) -> Pending | None:
+        """Answer one request (the connection's handler): None when answered, else what resolves when it is."""
+        if not req.checked:
+            self.check_head(req)
+        path = req.path
+        if req.refusal is None and path in _PROBES:
+            self._probe(conn, req, path)
+            return None
+        rid = f"{self._rid_random.getrandbits(64):016x}"
+        route = _ROUTE_NAMES.get(path, "other")
+        rec: dict[str, Any] = {"time": time.time(), "request_id": rid, "route": route, "key": req.key}
+        s = _Scope(conn, req, rid, route, time.perf_counter(), rec, req.key or "")
+        try:
+            if req.refusal is not None:
+                r = req.refusal
+                self._answer_error(s, r.status, r.code, r.message, None, *r.headers)
+                return None
+            if route == "chat":
+                return self._chat(s)
+            return self._spawn(s, self._models(s))
+        except Exception as exc:
+            self._fail(s, exc)
+            return None
+
+    def _spawn(self, s: _Scope, step: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a waiting step of request ``s`` as a task, under the same rule as the rest of it."""
+        return asyncio.get_running_loop().create_task(self._guarded(s, step))
+
+    async def _guarded(self, s: _Scope, step: Coroutine[Any, Any, None]) -> None:
+        try:
+            await step
+        except asyncio.CancelledError:  # the workstation left while the request waited
+            if not s.ended:
+                s.rec.update(status=499, reason="client_disconnected")
+                self._end(s)
+            raise
+        except Exception as exc:
+            self._fail(s, exc)
+
+    def _fail(self, s: _Scope, exc: Exception) -> None:
+        """Whatever raised on request ``s``'s path: the client's 4xx (a RejectedError) or our 500, then its end."""
+        if isinstance(exc, RejectedError):
+            status, code, message, param = exc.status, exc.code, exc.message, exc.param
+        else:
+            _log_crash(s.rid, exc)
+            status, code, message, param = 500, "internal_error", _INTERNAL_ERROR, None
+        if s.ended:
+            return
+        relay, upconn = s.relay, s.upconn
+        if relay is not None:
+            relay.finished, relay.on_done = True, _ignore_done
+        if upconn is not None:
+            upconn.sink = None
+            upconn.close()  # its state is unknown: vLLM sees the disconnect and aborts
+        if s.result.headers_sent:  # the 200 is out: all we can do is end the answer early
+            s.rec.update(status=500 if status == 500 else s.rec.get("status") or 200, reason=code)
+            s.conn.close()
+            self._end(s)
+            return
+        if status >= 500:
+            s.req.keep_alive = False  # the connection's state is unknown after a bug: close it after the answer
+        self._answer_error(s, status, code, message, param)
+        if status >= 500:
+            s.conn.close()
+
+    def _answer_error(
+        self, s: _Scope, status: int, code: str, message: str, param: str | None, *extra: tuple[bytes, bytes]
+    ) -> None:
+        """Answer ``s`` with an OpenAI-style error and end it."""
+        self._json(s.conn, s.req, status, _error_doc(status, code, message, param), s.rid, *extra)
+        s.rec.update(status=status, reason=code)
+        self._end(s)
+
+    def _end(self, s: _Scope) -> None:
+        """The end of every request, however it ended: everything it holds given back, counted, audited once, and the
+        connection told (its next request may start)."""
+        if s.ended:
+            return
+        s.ended = True
+        if s.slot:
+            s.slot = False
+            self.admission.release(s.key)
+        waiting, s.waiting = s.waiting, None
+        if waiting is not None and waiting is not asyncio.current_task():
+            waiting.cancel()
+        self._release_upstream(s)
+        rec = s.rec
+        if s.route == "chat":
+            result = s.result
+            rec["upstream"] = s.up.url if s.up else None
+            rec["prompt_tokens"] = result.prompt_tokens
+            rec["completion_tokens"] = result.completion_tokens
+            if result.ttfb is not None:
+                ttfb = result.ttfb - s.started
+                rec["ttfb_ms"] = round(ttfb * 1000, 3)
+                self.metrics.ttfb.observe(ttfb)
+        rec.setdefault("status", 500)
+        self._finish(rec, s.started)
+        if s.finished is not None:
+            s.finished.set_done()
+
+    def _release_upstream(self, s: _Scope) -> None:
+        """Give back the replica count, the relay and the connection to vLLM (kept alive only after a whole answer)."""
+        if s.up_held:
+            s.up_held = False
+            assert s.up is not None
+            s.up.inflight -= 1
+        relay, s.relay = s.relay, None
+        if relay is not None:
+            self.relays.discard(relay)
+            if s.conn.relay is relay:
+                s.conn.relay = None
+        upconn, s.upconn = s.upconn, None
+        if upconn is not None:
+            self.conns.release(upconn)
 
     @staticmethod
     def _json(
         conn: ClientConnection, req: Request, status: int, body: bytes, rid: str, *extra: tuple[bytes, bytes]
     ) -> None:
         conn.respond(status, [_JSON, (b"x-request-id", rid.encode()), *extra], body, req)
+
+    def _probe(self, conn: ClientConnection, req: Request, path: str) -> None:
+        rid = f"{self._rid_random.getrandbits(64):016x}"
+        if path == "/healthz":
+            self._json(conn, req, 200, b'{"alive":true}', rid)
+        elif path == "/readyz":
+            doc = self.pool.readiness()
+            self._json(conn, req, 200 if doc["ready"] else 503, json.dumps(doc).encode(), rid)
+        else:
+            conn.respond(200, [(b"content-type", b"text/plain; version=0.0.4")], self.metrics.render().encode(), req)
 
     def _authenticate(self, req: Request) -> tuple[str | None, str, str]:
         """(key name, reason code, message); name is None when refused."""
@@ -224,75 +392,46 @@ class Gateway:
         if self.audit is not None:
             self.audit.write(rec)
 
-    def _no_upstream(self, conn: ClientConnection, req: Request, rid: str) -> None:
+    def _no_upstream(self, s: _Scope) -> None:
         message = (
             "The AI model server is not available right now (starting, restarting or stopped). Retry after the "
             "number of seconds in Retry-After; if it persists, check the appliance dashboard."
         )
-        self._json(conn, req, 503, _error_doc(503, "no_upstream", message), rid, self._retry_after)
+        s.up = None
+        self._answer_error(s, 503, "no_upstream", message, None, self._retry_after)
 
     # --- routes -------------------------------------------------------------------------------------------------
 
-    def _keyed(
-        self, conn: ClientConnection, req: Request, rid: str, route: str
-    ) -> tuple[str | None, dict[str, Any], float]:
-        """Check the workstation key: (key name, audit record, start). A refused key is answered 401 and audited."""
-        started = time.perf_counter()
-        key, code, message = self._authenticate(req)
-        rec: dict[str, Any] = {"time": time.time(), "request_id": rid, "route": route, "key": key}
-        if key is None:
-            self._json(conn, req, 401, _error_doc(401, code, message), rid, (b"www-authenticate", b"Bearer"))
-            rec.update(status=401, reason=code)
-            self._finish(rec, started)
-        return key, rec, started
-
-    async def _models(self, conn: ClientConnection, req: Request, rid: str) -> None:
-        key, rec, started = self._keyed(conn, req, rid, "models")
-        if key is None:
-            return
+    async def _models(self, s: _Scope) -> None:
         assert self.session is not None
-        tried: tuple[Upstream, ...] = ()
         headers = {"Authorization": f"Bearer {self.cfg.upstream_api_key}"} if self.cfg.upstream_api_key else {}
-        try:
-            while (up := self.pool.pick(tried)) is not None:
-                try:
-                    timeout = aiohttp.ClientTimeout(total=10)
-                    async with self.session.get(up.url + MODELS_PATH, headers=headers, timeout=timeout) as resp:
-                        body = await resp.read()
-                        self._json(conn, req, resp.status, body, rid)
-                        rec.update(status=resp.status, upstream=up.url)
-                        return
-                except (aiohttp.ClientError, TimeoutError, OSError) as err:
-                    self.pool.eject(up, f"connection failed: {type(err).__name__}")
-                    tried += (up,)
-            self._no_upstream(conn, req, rid)
-            rec.update(status=503, reason="no_upstream")
-        except asyncio.CancelledError:
-            rec.update(status=499, reason="client_disconnected")
-        finally:
-            self._finish(rec, started)
+        while (up := self.pool.pick(s.tried)) is not None:
+            try:
+                timeout = aiohttp.ClientTimeout(total=10)
+                async with self.session.get(up.url + MODELS_PATH, headers=headers, timeout=timeout) as resp:
+                    body = await resp.read()
+                    self._json(s.conn, s.req, resp.status, body, s.rid)
+                    s.rec.update(status=resp.status, upstream=up.url)
+                    self._end(s)
+                    return
+            except (aiohttp.ClientError, TimeoutError, OSError) as err:
+                self.pool.eject(up, f"connection failed: {type(err).__name__}")
+                s.tried += (up,)
+        self._no_upstream(s)
 
-    # A chat request runs from callback to callback: the key check, admission, validation and the send to vLLM happen
-    # inside the read of the request (like nginx), and the audit line inside the relay's completion. A task is made
-    # only to wait: for an admission slot, or for a new connection to vLLM. Under load a task's first step waits
-    # behind a whole batch of other streams' reads; measured at 64 streams, that hop alone cost 1.2 ms p50, 4.8 ms p90.
+    # A chat request runs from callback to callback: admission, validation and the send to vLLM happen inside the
+    # read of the request (like nginx), and the audit line inside the relay's completion. A task is made only to
+    # wait: for an admission slot, or for a new connection to vLLM. Under load a task's first step waits behind a
+    # whole batch of other streams' reads; measured at 64 streams, that hop alone cost 1.2 ms p50, 4.8 ms p90.
 
-    def _chat(self, conn: ClientConnection, req: Request, rid: str) -> Pending | None:
-        key, rec, started = self._keyed(conn, req, rid, "chat")
-        if key is None:
-            return None
-        chat = _Chat(conn, req, rid, rec, started, key)
-        if self.admission.try_acquire(key):
-            return self._chat_admitted(chat)
-        return asyncio.get_running_loop().create_task(self._chat_queued(chat))
+    def _chat(self, s: _Scope) -> Pending | None:
+        if self.admission.try_acquire(s.key):
+            s.slot = True
+            return self._chat_admitted(s)
+        return self._spawn(s, self._chat_queued(s))
 
-    async def _chat_queued(self, chat: _Chat) -> None:
-        try:
-            refused = await self.admission.acquire(chat.key)
-        except asyncio.CancelledError:
-            chat.rec.update(status=499, reason="client_disconnected")
-            self._finish(chat.rec, chat.started)
-            return
+    async def _chat_queued(self, s: _Scope) -> None:
+        refused = await self.admission.acquire(s.key)
         if refused is not None:
             what = {
                 "per_key_limit": f"this workstation key already has {self.cfg.max_per_key} requests running",
@@ -300,11 +439,10 @@ class Gateway:
                 "queue_full": "too many requests are already waiting",
             }[refused]
             msg = f"Too many requests: {what}. Retry after the number of seconds in Retry-After."
-            self._json(chat.conn, chat.req, 429, _error_doc(429, refused, msg), chat.rid, self._retry_after)
-            chat.rec.update(status=429, reason=refused)
-            self._finish(chat.rec, chat.started)
+            self._answer_error(s, 429, refused, msg, None, self._retry_after)
             return
-        finished = self._chat_admitted(chat)
+        s.slot = True
+        finished = self._chat_admitted(s)
         if finished is not None:
             over = asyncio.get_running_loop().create_future()
             finished.add_done_callback(lambda _: None if over.done() else over.set_result(None))
@@ -314,146 +452,108 @@ class Gateway:
                 finished.cancel()  # the workstation left while the request waited for a connection
                 raise
 
-    def _chat_admitted(self, chat: _Chat) -> Completion | None:
-        """Validate and send; the returned future resolves when the answer is over (None: it already is)."""
-        req = chat.req
-        try:
-            if req.too_large:
-                raise RejectedError(
-                    413,
-                    "body_too_large",
-                    f"The request body is {req.too_large / 1e6:.1f} MB; the limit is "
-                    f"{self.cfg.max_body_bytes / 1e6:.1f} MB. Send fewer or smaller images.",
-                )
-            chat.valid = validate_chat(req.body, self.limits)
-        except RejectedError as rej:
-            self._json(chat.conn, req, rej.status, _error_doc(rej.status, rej.code, rej.message, rej.param), chat.rid)
-            chat.rec.update(status=rej.status, reason=rej.code)
-            self._chat_over(chat)
-            return None
-        valid = chat.valid
-        chat.rec.update(stream=valid.stream, images=valid.images, image_bytes=valid.image_bytes)
+    def _chat_admitted(self, s: _Scope) -> Completion | None:
+        """Validate and send; the returned completion is done when the answer is over (None: it already is)."""
+        valid = s.valid = validate_chat(s.req.body, self.limits)  # RejectedError: the guard answers it
+        s.rec.update(stream=valid.stream, images=valid.images, image_bytes=valid.image_bytes)
         if valid.images:
             self.metrics.images += valid.images
             self.metrics.image_bytes += valid.image_bytes
-        chat.finished = Completion(on_cancel=chat.cancel_wait)  # the workstation left while we waited to connect
-        self._chat_attempt(chat)
-        return None if chat.finished.done() else chat.finished
+        s.finished = Completion(on_cancel=s.cancel_wait)  # the workstation left while we waited to connect
+        self._chat_attempt(s)
+        return None if s.finished.done() else s.finished
 
-    def _chat_attempt(self, chat: _Chat) -> None:
+    def _chat_attempt(self, s: _Scope) -> None:
         """Pick a replica and send to it over a kept-alive connection, or start connecting to it."""
-        if chat.conn.closed:  # the workstation left before a retry
-            self._chat_gone(chat)
+        if s.conn.closed:  # the workstation left before a retry
+            s.rec.update(status=499, reason="client_disconnected")
+            self._end(s)
             return
-        up = self.pool.pick(chat.tried) if chat.attempts < _MAX_ATTEMPTS else None
-        chat.attempts += 1
+        up = self.pool.pick(s.tried) if s.attempts < _MAX_ATTEMPTS else None
+        s.attempts += 1
         if up is None:
-            chat.up = None
-            self._no_upstream(chat.conn, chat.req, chat.rid)
-            chat.rec.update(status=503, reason="no_upstream")
-            self._chat_over(chat)
+            self._no_upstream(s)
             return
-        chat.up = up
+        s.up, s.up_held = up, True
         up.inflight += 1
         upconn = self.conns.take_idle(up.url)
         if upconn is not None:
-            self._chat_send(chat, up, upconn, reused=True)
+            self._chat_send(s, up, upconn, reused=True)
         else:
-            chat.waiting = asyncio.get_running_loop().create_task(self._chat_connect(chat, up))
+            s.waiting = self._spawn(s, self._chat_connect(s, up))
 
-    async def _chat_connect(self, chat: _Chat, up: Upstream) -> None:
+    async def _chat_connect(self, s: _Scope, up: Upstream) -> None:
         try:
             upconn = await self.conns.connect(up.url)
         except UpstreamUnavailableError as err:
-            chat.waiting = None  # before the next attempt, which may start a task of its own
-            up.inflight -= 1
+            s.waiting = None  # before the next attempt, which may start a task of its own
+            self._release_upstream(s)
             self.pool.eject(up, f"{err}"[:200])
-            chat.tried += (up,)
-            self._chat_attempt(chat)
+            s.tried += (up,)
+            self._chat_attempt(s)
             return
-        except asyncio.CancelledError:
-            chat.waiting = None
-            up.inflight -= 1
-            self._chat_gone(chat)
+        s.waiting = None
+        if s.ended or s.conn.closed:
+            self.conns.release(upconn)  # a fresh connection that carried nothing: closed
+            if not s.ended:
+                s.rec.update(status=499, reason="client_disconnected")
+                self._end(s)
             return
-        chat.waiting = None
-        if chat.conn.closed:
-            up.inflight -= 1
-            self.conns.release(upconn)
-            self._chat_gone(chat)
-            return
-        self._chat_send(chat, up, upconn, reused=False)
+        self._chat_send(s, up, upconn, reused=False)
 
-    def _chat_send(self, chat: _Chat, up: Upstream, upconn: UpstreamConnection, *, reused: bool) -> None:
-        assert chat.valid is not None
+    def _chat_send(self, s: _Scope, up: Upstream, upconn: UpstreamConnection, *, reused: bool) -> None:
+        assert s.valid is not None
+        s.upconn = upconn
         relay = Relay(
-            chat.conn, upconn, chat.result, extra_headers=chat.extra_headers(), keep_alive=chat.req.keep_alive,
-            first_byte_timeout=self.cfg.first_byte_timeout_s,
-            on_done=lambda err: self._chat_relayed(chat, up, upconn, relay, reused=reused, err=err),
+            s.conn, upconn, s.result, extra_headers=s.extra_headers(), keep_alive=s.req.keep_alive,
+            first_byte_timeout=self.cfg.first_byte_timeout_s, framed=not s.req.http10,
+            on_done=lambda err: self._chat_relayed(s, up, reused=reused, err=err),
+            on_crash=functools.partial(self._fail, s),
         )  # fmt: skip
         head = self._upstream_head[up.url] + b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n" % (
-            chat.rid.encode(), chat.valid.body_bytes,
+            s.rid.encode(), s.valid.body_bytes,
         )  # fmt: skip
-        chat.conn.relay = relay
+        s.relay = s.conn.relay = relay
         self.relays.add(relay)
-        upconn.send(head, chat.valid.body, relay)
+        upconn.send(head, s.valid.body, relay)
 
-    def _chat_relayed(
-        self,
-        chat: _Chat,
-        up: Upstream,
-        upconn: UpstreamConnection,
-        relay: Relay,
-        *,
-        reused: bool,
-        err: Exception | None,
-    ) -> None:
-        chat.conn.relay = None
-        self.relays.discard(relay)
-        up.inflight -= 1
-        self.conns.release(upconn)
+    def _chat_relayed(self, s: _Scope, up: Upstream, *, reused: bool, err: Exception | None) -> None:
         if isinstance(err, UpstreamUnavailableError):
+            self._release_upstream(s)
             if not reused:
                 self.pool.eject(up, f"{err}"[:200])
-                chat.tried += (up,)
+                s.tried += (up,)
             # else a kept-alive connection closed under us: try again (a fresh one next time)
-            self._chat_attempt(chat)
+            self._chat_attempt(s)
             return
-        rec, result = chat.rec, chat.result
+        rec, result = s.rec, s.result
         if isinstance(err, UpstreamTimeoutError):
             message = "The AI model server did not answer in time; retry the request."
-            self._json(chat.conn, chat.req, 504, _error_doc(504, "upstream_timeout", message), chat.rid,
-                       self._retry_after)  # fmt: skip
-            rec.update(status=504, reason="upstream_timeout")
-        else:
-            rec["status"] = 499 if result.client_gone else result.status
-            if result.client_gone:
-                rec["reason"] = "client_disconnected"
-            elif result.failure:
-                rec["reason"] = "upstream_stream_failed"
-                self.pool.eject(up, result.failure)
-            elif result.complete:
-                self.pool.generation_ok(up)
-            elif result.status >= 400:
-                rec["reason"] = "upstream_rejected"
-        self._chat_over(chat)
+            self._answer_error(s, 504, "upstream_timeout", message, None, self._retry_after)
+            return
+        if err is not None:
+            self._fail(s, err)
+            return
+        rec["status"] = 499 if result.client_gone else result.status
+        if result.client_gone:
+            rec["reason"] = "client_disconnected"
+        elif result.failure:
+            rec["reason"] = "upstream_stream_failed"
+            self.pool.eject(up, result.failure)
+        elif result.complete:
+            self.pool.generation_ok(up)
+        elif result.status >= 400:
+            rec["reason"] = "upstream_rejected"
+        self._end(s)
 
-    def _chat_gone(self, chat: _Chat) -> None:
-        """The workstation left before its request reached vLLM."""
-        chat.rec.update(status=499, reason="client_disconnected")
-        self._chat_over(chat)
 
-    def _chat_over(self, chat: _Chat) -> None:
-        """The end of an admitted request, however it ended: the slot back, the audit line, the waiter woken."""
-        rec, result = chat.rec, chat.result
-        rec["upstream"] = chat.up.url if chat.up else None
-        rec["prompt_tokens"] = result.prompt_tokens
-        rec["completion_tokens"] = result.completion_tokens
-        if result.ttfb is not None:
-            ttfb = result.ttfb - chat.started
-            rec["ttfb_ms"] = round(ttfb * 1000, 3)
-            self.metrics.ttfb.observe(ttfb)
-        self.admission.release(chat.key)
-        self._finish(rec, chat.started)
-        if chat.finished is not None:
-            chat.finished.set_done()
+def _ignore_done(_: Exception | None) -> None:
+    pass
+
+
+def _log_crash(rid: str, exc: Exception) -> None:
+    """A bug on a request's path, on standard error: the request id, the exception's type and where it was raised.
+    Not its message: a message can quote what it failed on, which may be patient text."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    sys.stderr.write(f"clinic-edge gateway: internal error on request {rid}: {type(exc).__name__}\n{frames}")
+    sys.stderr.flush()

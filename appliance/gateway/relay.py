@@ -16,7 +16,11 @@ Failures:
   has seen no byte for ``stall_timeout`` (the gateway's watchdog calls it every few seconds; nothing per chunk);
 * the workstation disconnects → the upstream connection is closed, which makes vLLM abort the generation;
 * no answer within ``first_byte_timeout`` → the upstream connection is closed and the caller answers 504 (the same
-  watchdog sees it: no timer per request).
+  watchdog sees it: no timer per request);
+* an exception in any of these callbacks (a bug) → the upstream connection is closed and ``on_crash`` gets it: the
+  request's owner answers, audits and releases it as it does every request.
+
+An HTTP/1.0 workstation (``framed=False``) gets the stream unframed, ended by closing the connection.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ _STREAM_FAILED = sse_error_event(
 
 def _ignore(_: Exception | None) -> None:
     pass
+
+
+def _reraise(exc: Exception) -> None:
+    raise exc
 
 
 class UpstreamUnavailableError(Exception):
@@ -118,18 +126,34 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.writelines([head, *body])
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink  # the parser's callbacks clear it when the answer completes
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as err:  # one of our callbacks raised: a bug on the request path
+            self._crash(sink, err.__context__ if isinstance(err.__context__, Exception) else err)
+            return
         except httptools.HttpParserError:
-            self.close()
-        if self.sink is not None:
-            self.sink.flush()  # one write to the workstation per read from vLLM, however many events it held
+            self.close()  # vLLM sent something that is not HTTP; connection_lost ends the answer
+        try:
+            if self.sink is not None:
+                self.sink.flush()  # one write to the workstation per read from vLLM, however many events it held
+        except Exception as exc:
+            self._crash(sink, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         sink, self.sink = self.sink, None
         if sink is not None:
-            sink.on_lost(self.got_response)
+            try:
+                sink.on_lost(self.got_response)
+            except Exception as err:
+                sink.crash(err)
+
+    def _crash(self, sink: Relay | None, exc: Exception) -> None:
+        self.sink = None
+        self.close()  # its state is unknown: never reuse it
+        if sink is not None:
+            sink.crash(exc)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"content-type":
@@ -198,6 +222,16 @@ class ConnectionPool:
         else:
             conn.close()
 
+    def close_expired(self, now: float) -> None:
+        """Close the idle connections kept longer than ``keepalive`` (the watchdog calls this every few seconds):
+        after a burst, their sockets would otherwise stay open until vLLM's own keep-alive timeout."""
+        for url, idle in self._idle.items():
+            keep = [c for c in idle if not c.closed and now - c.idle_since < self.keepalive]
+            for conn in idle:
+                if conn not in keep:
+                    conn.close()
+            self._idle[url] = keep
+
     def close_all(self) -> None:
         """Close every idle connection."""
         for conns in self._idle.values():
@@ -225,13 +259,17 @@ class Relay:
         keep_alive: bool,
         first_byte_timeout: float,
         on_done: Callable[[Exception | None], None],
+        on_crash: Callable[[Exception], None] = _reraise,
+        framed: bool = True,
     ) -> None:
         self.client = client
         self.upstream = upstream
         self.result = result
         self.extra_headers = extra_headers
-        self.keep_alive = keep_alive
+        self.keep_alive = keep_alive and framed
+        self.framed = framed  # False for an HTTP/1.0 workstation: raw stream, ended by closing
         self.on_done = on_done
+        self.on_crash = on_crash
         self.finished = False
         self._streaming = False
         self._head = b""
@@ -254,7 +292,9 @@ class Relay:
             transport = self.client.transport
             if transport is not None and not self.client.closed:
                 self._write = transport.write
-            headers = [(b"content-type", ctype), *self.extra_headers, (b"transfer-encoding", b"chunked")]
+            headers = [(b"content-type", ctype), *self.extra_headers]
+            if self.framed:
+                headers.append((b"transfer-encoding", b"chunked"))
             # Written by flush() at the end of this read, together with the first event when it came along.
             self._head = response_head(200, headers, close=not self.keep_alive)
             self.result.headers_sent = True
@@ -274,7 +314,7 @@ class Relay:
             self.reads += 1
             if self.result.ttfb is None:
                 self.result.ttfb = time.perf_counter()
-            out = b"%b%x\r\n%b\r\n" % (self._head, len(data), data)
+            out = b"%b%x\r\n%b\r\n" % (self._head, len(data), data) if self.framed else self._head + data
             if data.find(b'"prompt_tokens"') >= 0:  # not ``in``: bytes' ``in`` first tries the needle as an int
                 _tokens(self.result, data)
             self._before_tail, self._tail = self._tail, data
@@ -343,8 +383,10 @@ class Relay:
         error event first; ``why`` is the failure the audit log and the pool see."""
         if self._delivered_done():
             self.result.complete = True
-            return b"0\r\n\r\n"
+            return b"0\r\n\r\n" if self.framed else b""
         self.result.failure = why
+        if not self.framed:
+            return _STREAM_FAILED
         return b"%x\r\n%b\r\n0\r\n\r\n" % (len(_STREAM_FAILED), _STREAM_FAILED)
 
     def _timeout(self) -> None:
@@ -359,6 +401,14 @@ class Relay:
         self.finished = True
         on_done, self.on_done = self.on_done, _ignore  # the callback's closure holds this relay: break the cycle
         on_done(exc)
+
+    def crash(self, exc: Exception) -> None:
+        """A callback on this request's path raised: drop vLLM's connection and hand the failure to the owner."""
+        self.finished = True
+        self.on_done = _ignore
+        self.upstream.sink = None
+        self.upstream.close()
+        self.on_crash(exc)
 
     # --- client side (FlowTarget) -----------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 
 from appliance.gateway.app import Gateway
 from appliance.gateway.config import GatewayConfig
@@ -26,15 +27,18 @@ def _ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(cfg: GatewayConfig, started: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT (or cancellation)."""
+async def serve(
+    cfg: GatewayConfig, started: asyncio.Event | None = None, on_start: Callable[[Gateway], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT (or cancellation); ``on_start`` is given the gateway once it listens (tests read
+    its admission counters)."""
     gateway = Gateway(cfg)
     await gateway.startup()
     loop = asyncio.get_running_loop()
     connections: set[ClientConnection] = set()
     try:
         server = await loop.create_server(
-            lambda: ClientConnection(gateway.handle, cfg.max_body_bytes, connections),
+            lambda: ClientConnection(gateway.handle, cfg.max_body_bytes, connections, head=gateway.check_head),
             cfg.host,
             cfg.port,
             ssl=_ssl_context(cfg),
@@ -54,6 +58,8 @@ async def serve(cfg: GatewayConfig, started: asyncio.Event | None = None) -> Non
         f"({len(gateway.keys)} workstation keys)\n"
     )
     sys.stderr.flush()
+    if on_start is not None:
+        on_start(gateway)
     if started is not None:
         started.set()
     try:

@@ -3,7 +3,9 @@
 Rules (each rejection is a :class:`RejectedError` with a status, a machine-readable code and a message for the
 workstation developer):
 
-* the body is one JSON object of at most ``max_body_bytes`` (checked while reading, in :mod:`app`);
+* the body is one JSON object of at most ``max_body_bytes`` (checked while reading, in :mod:`http11`) that standard
+  JSON can carry: nested at most :data:`MAX_DEPTH` deep, no NaN or Infinity (nor numbers too large for a double),
+  no unpaired UTF-16 surrogate escapes (``"\ud800"`` alone cannot be written as UTF-8, so vLLM could not read it);
 * content parts are ``text`` or ``image_url`` only — audio, video, files and embeddings are refused;
 * images are inline ``data:image/png|jpeg|webp;base64,...``: remote URLs (vLLM would fetch them itself), ``file:``
   and every other scheme or MIME type are refused, so the gateway and vLLM open no outbound connection;
@@ -26,7 +28,7 @@ from typing import Any
 
 from appliance.gateway.images import ImageError, sniff_base64_image
 
-__all__ = ["Limits", "RejectedError", "ValidRequest", "validate_chat"]
+__all__ = ["MAX_DEPTH", "Limits", "RejectedError", "ValidRequest", "validate_chat"]
 
 _B64_MARK = b";base64,"
 _CUT_MIN = 512  # shorter payloads stay in the JSON (cutting them buys nothing)
@@ -39,8 +41,20 @@ _REFUSED_FIELDS = {
     "mm_processor_kwargs": "per-request image processor settings",
 }
 _MIME_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp"}
-_DECODER = json.JSONDecoder()
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+MAX_DEPTH = 64  # a chat request nests ~6 deep; tool schemas a few more (vLLM's parser refuses ~200)
+
+
+class _NonFiniteError(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFiniteError(name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+# allow_nan=False: a number that parsed as infinity (1e999) raises instead of becoming the non-JSON 'Infinity'.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 INLINE_HINT = (
     "Send the radiograph inline: read the PNG or JPEG file and put it in the request as "
     '{"type": "image_url", "image_url": {"url": "data:image/png;base64,<base64 of the file>"}} '
@@ -272,13 +286,45 @@ def _cap_tokens(obj: dict[str, Any], cap: int) -> None:
         obj["max_tokens"] = cap
 
 
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Is any value nested more than ``limit`` containers deep? (Iterative: the check must not recurse itself.)"""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values() if isinstance(v, (dict, list))]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value if isinstance(v, (dict, list))]
+    return False
+
+
+def _depth_error() -> RejectedError:
+    return _bad("json_too_deep", f"The request body nests JSON more than {MAX_DEPTH} levels deep; flatten it.")
+
+
+def _parse(small: bytes | bytearray) -> Any:
+    try:
+        obj = _DECODER.decode(small.decode("utf-8"))
+    except _NonFiniteError as err:
+        raise _bad(
+            "invalid_number", f"The request body contains {err}, which is not JSON; send finite numbers only."
+        ) from err
+    except RecursionError as err:  # nested deeper than the interpreter's stack: certainly too deep
+        raise _depth_error() from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _bad("invalid_json", "The request body is not valid JSON (UTF-8 encoded).") from err
+    # Nesting can only exceed the limit if there are that many brackets; counting them is a C loop.
+    if small.count(b"[") + small.count(b"{") > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
+        raise _depth_error()
+    return obj
+
+
 def validate_chat(body: bytes | bytearray, limits: Limits) -> ValidRequest:
     """Check a ``POST /v1/chat/completions`` body and return what to forward; raise :class:`RejectedError`."""
     cut = _Cut(body)
-    try:
-        obj = _DECODER.decode(cut.small.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise _bad("invalid_json", "The request body is not valid JSON.") from err
+    obj = _parse(cut.small)
     if not isinstance(obj, dict):
         raise _bad("invalid_json", "The request body must be a JSON object.")
     for name, what in _REFUSED_FIELDS.items():
@@ -290,6 +336,17 @@ def validate_chat(body: bytes | bytearray, limits: Limits) -> ValidRequest:
     _cap_tokens(obj, limits.max_tokens_cap)
     obj["n"] = 1
     obj.pop("best_of", None)
-    req.body = cut.splice(_ENCODER.encode(obj))
+    try:
+        req.body = cut.splice(_ENCODER.encode(obj))
+    except UnicodeEncodeError as err:  # a string held an unpaired surrogate escape such as "\ud800"
+        raise _bad(
+            "invalid_unicode",
+            "A string in the request holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its "
+            "pair), which is not valid Unicode; fix the client's text encoding.",
+        ) from err
+    except ValueError as err:  # allow_nan=False: a number too large for a double (1e999)
+        raise _bad(
+            "invalid_number", "A number in the request is too large to be a finite double; send finite numbers."
+        ) from err
     req.body_bytes = sum(map(len, req.body))
     return req

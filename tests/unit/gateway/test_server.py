@@ -296,7 +296,10 @@ async def test_idle_and_slow_connections_are_closed(env: Env, monkeypatch: pytes
     host, port = env.url.removeprefix("http://").split(":")
     idle_r, idle_w = await asyncio.open_connection(host, int(port))
     slow_r, slow_w = await asyncio.open_connection(host, int(port))
-    slow_w.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")  # never finishes
+    slow_w.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %b\r\n"
+        b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{" % env.key.encode()
+    )  # never finishes
     assert await asyncio.wait_for(idle_r.read(), 5) == b""  # closed by the gateway
     assert await asyncio.wait_for(slow_r.read(), 5) == b""
     idle_w.close()
@@ -320,11 +323,11 @@ async def test_a_finished_request_leaves_no_reference_cycle(env: Env) -> None:
     # the next upload then lands in fresh pages, which cost ~8 ms here (measured). Everything must go by refcount.
     import gc
 
-    from appliance.gateway.app import _Chat
+    from appliance.gateway.app import _Scope
     from appliance.gateway.relay import Relay
 
     def alive() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, (_Chat, Relay)))
+        return sum(1 for o in gc.get_objects() if isinstance(o, (_Scope, Relay)))
 
     gc.collect()
     gc.disable()
