@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from appliance.demo_model import DEMO_MODEL_NAME, build_demo_model
+from appliance.processes import ManagedProcess
 from appliance.vllm_server import VllmLaunch, VllmServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -116,7 +117,12 @@ class RunningGateway:
     keys_file: Path
     audit_log: Path
     log_path: Path
-    process: subprocess.Popen[bytes]
+    managed: ManagedProcess
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The gateway's process (pid, poll)."""
+        return self.managed.popen
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts only the clinic CA (what a workstation does after importing ca.crt)."""
@@ -138,14 +144,8 @@ class RunningGateway:
         return records
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """SIGTERM to its whole process tree, then SIGKILL after 10 s (also when pytest itself is stopped)."""
+        self.managed.stop()
 
 
 def launch_gateway(
@@ -183,7 +183,8 @@ def launch_gateway(
         ca_path = tls_dir / "ca.crt"
     log_path = directory / "gateway.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([*args, *extra_args], stdout=log, stderr=subprocess.STDOUT)
+        managed = ManagedProcess([*args, *extra_args], name="gateway", stdout=log, stderr=subprocess.STDOUT, grace=10)
+        proc = managed.start()
     gw = RunningGateway(
         base_url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
         key=key,
@@ -191,7 +192,7 @@ def launch_gateway(
         keys_file=keys_file,
         audit_log=directory / "audit.jsonl",
         log_path=log_path,
-        process=proc,
+        managed=managed,
     )
     ctx = gw.ssl_context() if tls else None
     deadline = time.monotonic() + timeout
