@@ -10,6 +10,10 @@
 It is idempotent: files that exist and are valid are kept. The CA is kept as long as it is valid (so workstations
 never need to re-import it); the server certificate is re-issued only when it is missing, expires within 30 days, is
 not signed by this CA, or does not cover every name and address asked for.
+
+``renew_server(dir)`` re-issues the server certificate on purpose (before it expires, or after a key leak): a new key
+and a new validity for the same names and addresses, signed by the same CA, so the workstations' trust is untouched.
+``read_certificate(path)`` is what ``clinic-edge status`` reads to warn before the certificate expires.
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from appliance.atomic import atomic_write_text
 from appliance.errors import InputError, UsageError
 
-__all__ = ["TlsFiles", "ca_fingerprint", "ensure_tls"]
+__all__ = [
+    "RENEW_BEFORE",
+    "TlsFiles",
+    "ca_fingerprint",
+    "certificate_names",
+    "ensure_tls",
+    "read_certificate",
+    "renew_server",
+]
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime browsers and OS trust stores accept for a server certificate
-RENEW_BEFORE = dt.timedelta(days=30)
+RENEW_BEFORE = dt.timedelta(days=30)  # also when `clinic-edge status` starts warning
+GATEWAY_RESTART = "sudo systemctl restart clinic-edge-gateway"  # the gateway reads its certificate only at start
 
 
 @dataclass
@@ -49,10 +63,14 @@ class TlsFiles:
     server_not_after: str
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    replaced_not_after: str | None = None  # renew only: when the certificate it replaced would have expired
 
     def to_dict(self) -> dict[str, object]:
         """The ``--json`` document."""
-        return {
+        extra: dict[str, object] = {}
+        if self.replaced_not_after is not None:
+            extra = {"replaced_not_after": self.replaced_not_after, "next": GATEWAY_RESTART}
+        return extra | {
             "dir": str(self.dir),
             "ca_cert": str(self.ca_cert),
             "ca_key": str(self.ca_key),
@@ -70,6 +88,35 @@ class TlsFiles:
 def ca_fingerprint(cert: x509.Certificate) -> str:
     """The SHA-256 fingerprint as people compare it: ``AB:CD:...`` (what Windows and openssl show)."""
     return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def _utc_text(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_certificate(path: Path) -> x509.Certificate:
+    """The PEM certificate in ``path``; :class:`InputError` saying what is wrong when it cannot be read."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError as err:
+        raise InputError(
+            f"{path} does not exist.", "Check --dir; the installer keeps them in /etc/clinic-edge/tls."
+        ) from err
+    except PermissionError as err:
+        raise InputError(f"{path} is not readable by this user.", "Run it with sudo.") from err
+    except ValueError as err:
+        raise InputError(
+            f"{path} is not a PEM certificate: {err}.", "Restore it, or run clinic-edge tls ensure."
+        ) from err
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses a certificate is valid for (its subjectAltName), in their order."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return list(san.get_values_for_type(x509.DNSName)), [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
 
 
 def _now() -> dt.datetime:
@@ -263,7 +310,78 @@ def ensure_tls(directory: Path, names: list[str], ips: list[str]) -> TlsFiles:
         ca_sha256=ca_fingerprint(ca_cert),
         names=names,
         ips=ips,
-        server_not_after=server[0].not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        server_not_after=_utc_text(server[0].not_valid_after_utc),
         created=created,
         kept=kept,
+    )
+
+
+def _read_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA pair in ``directory``, or an error saying why a renewal cannot use it."""
+    ca_cert = read_certificate(directory / "ca.crt")
+    key_path = directory / "ca.key"
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError as err:
+        raise InputError(
+            f"{key_path} does not exist, so no certificate can be signed by this CA.",
+            "Restore ca.key from a backup; without it only a new CA (clinic-edge tls ensure after moving ca.crt away) "
+            "works, and every workstation must then import the new ca.crt.",
+        ) from err
+    except PermissionError as err:
+        raise InputError(f"{key_path} is readable by root only.", "Run it with sudo.") from err
+    except (ValueError, TypeError) as err:
+        raise InputError(
+            f"{key_path} is not an unencrypted PEM private key: {err}.", "Restore it from a backup."
+        ) from err
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or ca_cert.public_key().public_bytes(
+        *spki
+    ) != key.public_key().public_bytes(*spki):
+        raise InputError(f"{key_path} is not the key of {directory / 'ca.crt'}.", "Restore the matching pair.")
+    if ca_cert.not_valid_after_utc <= _now():
+        raise InputError(
+            f"the CA {directory / 'ca.crt'} expired on {_utc_text(ca_cert.not_valid_after_utc)}; a certificate it "
+            "signs would not be trusted.",
+            "Move ca.crt and ca.key away, run clinic-edge tls ensure (a new CA), and import the new ca.crt on every "
+            "workstation.",
+        )
+    return ca_cert, key
+
+
+def renew_server(directory: Path) -> TlsFiles:
+    """Re-issue ``server.crt``/``server.key`` in ``directory``: same names and addresses, new key, new validity.
+
+    ``ca.crt`` and ``ca.key`` are only read, so workstations keep trusting the gateway. Each new file is written
+    beside the old one and renamed over it (owner and mode kept: the gateway's user must still read the key), so a
+    reader never sees half a file. The running gateway keeps the old certificate until it restarts.
+    """
+    ca_cert, ca_key = _read_ca(directory)
+    old = read_certificate(directory / "server.crt")
+    names, ips = certificate_names(old)
+    if not names and not ips:
+        raise InputError(
+            f"{directory / 'server.crt'} names no DNS name or IP address, so there is nothing to renew it for.",
+            "Run clinic-edge tls ensure --dir DIR --name NAME --ip ADDRESS instead.",
+        )
+    cert, key = _make_server(ca_cert, ca_key, names, ips)
+    # Key first: until the certificate follows, `tls ensure` and the gateway's start see a mismatched pair and
+    # say so, rather than a new certificate whose key is missing.
+    atomic_write_text(directory / "server.key", _key_pem(key).decode(), mode=0o600, keep_owner=True)
+    atomic_write_text(
+        directory / "server.crt", cert.public_bytes(serialization.Encoding.PEM).decode(), mode=0o644, keep_owner=True
+    )
+    return TlsFiles(
+        dir=directory,
+        ca_cert=directory / "ca.crt",
+        ca_key=directory / "ca.key",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        ca_sha256=ca_fingerprint(ca_cert),
+        names=names,
+        ips=ips,
+        server_not_after=_utc_text(cert.not_valid_after_utc),
+        created=["server.crt", "server.key"],
+        kept=["ca.crt", "ca.key"],
+        replaced_not_after=_utc_text(old.not_valid_after_utc),
     )

@@ -17,7 +17,9 @@
 #   --check              show the plan and what would change; change nothing
 #   --resume             continue after a reboot the driver asked for (reuses the saved answers)
 #   --replan             the box's GPUs changed on purpose (one added or removed): plan vLLM for the GPUs present
-#   --uninstall          stop and remove the services, venvs and configuration (keeps models, self-test history)
+#   --uninstall          stop and remove the services, venvs and configuration (keeps models, self-test history);
+#                        runs /usr/local/sbin/clinic-edge-uninstall, which every install writes (it works without
+#                        this folder too: sudo clinic-edge-uninstall [--purge])
 #   --purge              with --uninstall: remove models, self-test history, certificates and logs too
 #   --rehearse           no GPU? rehearse the whole install (cpu profile, demo model) in a throwaway Debian 12
 #                        container booted with systemd-nspawn, offline from a bundle; then tear it down
@@ -389,7 +391,18 @@ print(out)' \
 }
 
 # --- uninstall ---
+# The install wrote an uninstaller with its own paths baked in (playbooks/roles/base); use it. The code below stays
+# for boxes installed by a version that wrote none.
 run_uninstall() {
+    _uninstaller=/usr/local/sbin/clinic-edge-uninstall
+    if [ -x "$_uninstaller" ]; then
+        log_line "running $_uninstaller ${PURGE:+--purge} ${YES:+--yes}"
+        # Its own purge removes the log folder: stop logging first.
+        [ -n "$PURGE" ] && LOG_READY=''
+        # It says what went wrong itself (or that it was cancelled); pass its exit code on.
+        "$_uninstaller" ${PURGE:+--purge} ${YES:+--yes} || exit $?
+        return 0
+    fi
     if [ -n "$PURGE" ]; then
         confirm "Remove clinic-edge AND its models, self-test history, certificates and logs?"
     else

@@ -7,11 +7,14 @@ self-test's results), because then nobody can say it is healthy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Literal
 
 from appliance.telemetry.sources import Snapshot
+from appliance.tls import GATEWAY_RESTART, RENEW_BEFORE
 
 __all__ = ["DEFAULT_SELFTEST_MAX_AGE", "Problem", "age_text", "problems", "short_age"]
 
@@ -105,5 +108,26 @@ def problems(snap: Snapshot, now: datetime, selftest_max_age: timedelta = DEFAUL
             )
     if snap.config.error:
         warn("config", snap.config.error)
+    _certificate_problems(snap, now, bad, warn)
     found.sort(key=lambda p: p.severity != "bad")
     return found
+
+
+def _certificate_problems(
+    snap: Snapshot, now: datetime, bad: Callable[[str, str], None], warn: Callable[[str, str], None]
+) -> None:
+    """Expired: workstations refuse the gateway (bad). Within :data:`RENEW_BEFORE`: time to renew (warn)."""
+    cert = snap.certificate
+    if cert.error:
+        warn("certificate", cert.error)
+    if cert.not_after is None:
+        return
+    left = cert.not_after - now
+    renew = f"sudo clinic-edge tls renew --dir {Path(cert.path).parent}, then {GATEWAY_RESTART}"
+    if left <= timedelta(0):
+        bad(
+            "certificate",
+            f"the gateway's certificate expired {age_text(-left)} ago: workstations refuse to connect; run {renew}",
+        )
+    elif left <= RENEW_BEFORE:
+        warn("certificate", f"the gateway's certificate expires in {age_text(left)}; run {renew}")

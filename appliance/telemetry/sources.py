@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from appliance.telemetry.certificate import CertificatePart, CertificateSource
 from appliance.telemetry.config import ConfigSource, read_plan, replica_urls
 from appliance.telemetry.gateway import GatewaySource
 from appliance.telemetry.http import make_fetch
@@ -56,7 +57,7 @@ class Source(Protocol[PartT_co]):
 
 @dataclass
 class Sources:
-    """The six sources of a snapshot, plus the journal reader and the clock (both replaceable in tests)."""
+    """The sources of a snapshot, plus the journal reader and the clock (both replaceable in tests)."""
 
     config: Source[ConfigPart]
     memory: Source[MemoryPart]
@@ -66,13 +67,15 @@ class Sources:
     selftest: Source[SelftestPart]
     journal: Callable[[str, int], JournalResult]
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # Defaults to nothing to watch, so recorded scenarios (which have no certificate) read as before.
+    certificate: Source[CertificatePart] = field(default_factory=CertificateSource)
 
     def by_name(self) -> dict[str, Source[Any]]:
         """Sources keyed by part name, in panel order."""
         return {name: getattr(self, name) for name in PART_NAMES}
 
 
-PART_NAMES = ("config", "memory", "vllm", "gateway", "units", "selftest")
+PART_NAMES = ("config", "memory", "vllm", "gateway", "units", "selftest", "certificate")
 _EMPTY: dict[str, Callable[[str], Any]] = {
     "config": lambda e: ConfigPart(error=e),
     "memory": lambda e: MemoryPart(error=e),
@@ -80,6 +83,7 @@ _EMPTY: dict[str, Callable[[str], Any]] = {
     "gateway": lambda e: GatewayPart(error=e),
     "units": lambda e: UnitsPart(error=e),
     "selftest": lambda e: SelftestPart(error=e),
+    "certificate": lambda e: CertificatePart(error=e),
 }
 
 
@@ -102,6 +106,7 @@ class Snapshot:
     gateway: GatewayPart
     units: UnitsPart
     selftest: SelftestPart
+    certificate: CertificatePart = field(default_factory=CertificatePart)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -154,4 +159,5 @@ def live_sources(options: TelemetryOptions) -> Sources:
         units=units,
         selftest=SelftestSource(options.state_dir),
         journal=units.journal,
+        certificate=CertificateSource(options.etc_dir / "tls" / "server.crt"),
     )

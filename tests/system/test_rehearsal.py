@@ -276,16 +276,27 @@ def test_a_box_that_lost_gpus_stops_before_anything_changes_and_replans_when_tol
 
 
 def test_uninstall_leaves_no_clinic_edge_unit_and_keeps_the_models(rehearsal: Rehearsal) -> None:
-    proc = rehearsal.run(INNER_INSTALL, "--uninstall", "--yes")
+    uninstaller = rehearsal.root / "usr/local/sbin/clinic-edge-uninstall"
+    assert uninstaller.stat().st_mode & 0o777 == 0o755
+    # The one the install wrote, run with the source folder and the bundle hidden (an empty tmpfs over each, in a
+    # mount namespace of its own): it must need neither.
+    hide = 'mount -t tmpfs none /opt/clinic-edge-src && mount -t tmpfs none /opt/clinic-edge-bundle && exec "$@"'
+    proc = rehearsal.run("unshare", "-m", "sh", "-c", hide, "sh", "/usr/local/sbin/clinic-edge-uninstall", "--yes")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "NVIDIA driver and Fabric Manager" in proc.stdout
     units = rehearsal.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "clinic-edge*").stdout
     files = rehearsal.run("systemctl", "list-unit-files", "--plain", "--no-legend", "clinic-edge*").stdout
     assert units.strip() == "" and files.strip() == "", units + files
-    assert not (rehearsal.root / "opt/clinic-edge").exists()
-    assert not (rehearsal.root / "etc/clinic-edge").exists()
+    for user in ("clinic-edge-vllm", "clinic-edge-gateway", "clinic-edge-selftest"):
+        assert rehearsal.run("id", user).returncode != 0, f"the service user {user} is still there"
+    for gone in ("opt/clinic-edge", "etc/clinic-edge", "run/clinic-edge", "var/cache/clinic-edge"):
+        assert not (rehearsal.root / gone).exists(), gone
+    assert not (rehearsal.root / "usr/local/bin/clinic-edge").is_symlink()
+    assert not uninstaller.exists()
     assert (rehearsal.root / f"var/lib/clinic-edge/models/{MODEL}/config.json").is_file()
     assert (rehearsal.root / "var/lib/clinic-edge/selftest/latest.json").is_file()
     assert rehearsal.run("nft", "list", "table", "inet", "clinic_edge").returncode != 0
+    # --purge is covered against a fake root in tests/unit/test_uninstaller.py (a second install here costs minutes).
 
 
 def test_check_on_a_bare_box_shows_the_plan_and_changes_nothing(rehearsal: Rehearsal) -> None:
