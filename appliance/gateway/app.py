@@ -5,15 +5,17 @@ Routes: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` (bot
 ``/pause``, ...) is reachable through the gateway.
 
 A chat request goes: route, key and Content-Type (when its head is complete, before the body is read) → admission →
-validation (see :mod:`validate`) → least-busy admitted replica → relay (see :mod:`relay`) → audit line, from
-callback to callback; the streamed bytes never pass through a task.
+validation (see :mod:`validate`) → DICOM images converted to PNG in worker processes (see :mod:`workers`), if any →
+least-busy admitted replica → relay (see :mod:`relay`) → audit line, from callback to callback; the streamed bytes
+never pass through a task.
 
 One rule for every request, whatever fails inside: each request has a :class:`_Scope` that records what it holds (an
-admission slot, a count on a replica, a connection to vLLM, a relay), and :meth:`Gateway._end` is the one place that
-gives all of it back, counts the request and writes its one audit line. Every way into a request's code from the
-event loop (the read that completed it, the tasks that wait for it, vLLM's callbacks, the stall watchdog) goes
-through a guard that hands any exception to :meth:`Gateway._fail`: a :class:`RejectedError` is the client's 4xx,
-anything else our 500 (logged with the request id and the stack, never the request's content), and then ``_end``.
+admission slot, a conversion in a worker, a count on a replica, a connection to vLLM, a relay), and
+:meth:`Gateway._end` is the one place that gives all of it back, counts the request and writes its one audit line.
+Every way into a request's code from the event loop (the read that completed it, the tasks that wait for it, vLLM's
+callbacks, the stall watchdog) goes through a guard that hands any exception to :meth:`Gateway._fail`: a
+:class:`RejectedError` is the client's 4xx, anything else our 500 (logged with the request id and the stack, never the
+request's content), and then ``_end``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import aiohttp
 from appliance.gateway.admission import Admission
 from appliance.gateway.audit import AuditLog
 from appliance.gateway.config import GatewayConfig
+from appliance.gateway.dicom import DicomError
 from appliance.gateway.http11 import ClientConnection, Completion, Pending, Refusal, Request
 from appliance.gateway.metrics import Metrics
 from appliance.gateway.relay import (
@@ -47,6 +50,7 @@ from appliance.gateway.relay import (
 )
 from appliance.gateway.upstreams import Pool, Upstream
 from appliance.gateway.validate import Limits, RejectedError, ValidRequest, validate_chat
+from appliance.gateway.workers import ConversionPool, default_workers
 from appliance.wire import error_body
 
 __all__ = ["CHAT_PATH", "MODELS_PATH", "Gateway"]
@@ -103,7 +107,7 @@ class _Scope:
     tried: tuple[Upstream, ...] = ()
     attempts: int = 0
     finished: Completion | None = None  # set done when the request is over (audit line written)
-    waiting: asyncio.Task[None] | None = None  # connecting to vLLM
+    waiting: asyncio.Task[None] | None = None  # converting DICOM images, or connecting to vLLM
     ended: bool = False
 
     def extra_headers(self) -> list[tuple[bytes, bytes]]:
@@ -133,6 +137,7 @@ class Gateway:
         self.conns = ConnectionPool(cfg.connect_timeout_s, cfg.upstream_keepalive_s)
         self.admission = Admission(cfg.max_inflight, cfg.max_per_key, cfg.queue_timeout_s, cfg.max_queue)
         self.limits = Limits(cfg.max_images, cfg.max_image_bytes, cfg.max_image_pixels, cfg.max_tokens_cap)
+        self.converter = ConversionPool(default_workers())
         self.metrics = Metrics()
         self.metrics.gauges["inflight_requests"] = lambda: float(self.admission.inflight)
         self.metrics.gauges["waiting_requests"] = lambda: float(self.admission.waiting)
@@ -174,6 +179,7 @@ class Gateway:
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.conns.close_all()
+        self.converter.close()
         if self.session is not None:
             await self.session.close()
         if self.audit is not None:
@@ -459,9 +465,32 @@ class Gateway:
         if valid.images:
             self.metrics.images += valid.images
             self.metrics.image_bytes += valid.image_bytes
-        s.finished = Completion(on_cancel=s.cancel_wait)  # the workstation left while we waited to connect
-        self._chat_attempt(s)
+        s.finished = Completion(on_cancel=s.cancel_wait)  # the workstation left while we converted or connected
+        if valid.dicoms:
+            s.waiting = self._spawn(s, self._chat_convert(s, valid))
+        else:
+            self._chat_attempt(s)
         return None if s.finished.done() else s.finished
+
+    async def _chat_convert(self, s: _Scope, valid: ValidRequest) -> None:
+        """Convert the request's DICOM images to PNG (in worker processes), fill their slots, then send."""
+        jobs = [self.converter.convert(d.base64(), self.limits.max_image_pixels) for d in valid.dicoms]
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        s.waiting = None
+        for part, outcome in zip(valid.dicoms, outcomes, strict=True):
+            if isinstance(outcome, DicomError):
+                raise RejectedError(400, outcome.code, f"{part.where} (DICOM) was refused: {outcome.message}.")
+            if isinstance(outcome, BaseException):
+                raise outcome
+        images = [o for o in outcomes if not isinstance(o, BaseException)]
+        for part, image in zip(valid.dicoms, images, strict=True):
+            valid.body[part.slot] = image.png_base64
+        valid.body_bytes = sum(map(len, valid.body))
+        s.rec["dicom"] = [image.describe() for image in images]
+        self.metrics.dicom_images += len(images)
+        for image in images:
+            self.metrics.dicom_conversion.observe(image.ms / 1000)
+        self._chat_attempt(s)
 
     def _chat_attempt(self, s: _Scope) -> None:
         """Pick a replica and send to it over a kept-alive connection, or start connecting to it."""

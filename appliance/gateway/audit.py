@@ -1,9 +1,10 @@
 """The audit log: one JSON line per request, with facts about it and never its content.
 
-Fields: ``time`` (UTC ISO-8601), ``request_id``, ``key`` (the key's *name*), ``route``, ``status``, ``reason`` (why
-it was refused or failed, else null), ``upstream``, ``stream``, ``images``, ``image_bytes``, ``prompt_tokens``,
-``completion_tokens`` (when vLLM reported them), ``ttfb_ms`` (first byte sent to the workstation) and
-``duration_ms``. Prompts, answers, images and keys are never written.
+Fields: ``time`` (UTC ISO-8601), ``request_id``, ``key`` (the key's *name*), ``route``, ``status``, ``reason`` (why it
+was refused or failed, else null), ``upstream``, ``stream``, ``images``, ``image_bytes``, ``prompt_tokens``,
+``completion_tokens`` (when vLLM reported them), ``dicom`` (one summary per DICOM image converted, e.g. ``"dicom,
+2440×1292, 12 bit, JPEG-LS, 38 ms"``: sizes and codec, never a header value), ``ttfb_ms`` (first byte sent to the
+workstation) and ``duration_ms``. Prompts, answers, images and keys are never written.
 
 Lines are written at the end of the event-loop turn that produced them, all of that turn's lines in one ``write``:
 under load dozens of requests end in one turn, and a system call per line was a measurable part of the gateway's
@@ -23,7 +24,7 @@ from typing import Any
 __all__ = ["AUDIT_FIELDS", "AuditLog"]
 
 AUDIT_FIELDS = (
-    "time", "request_id", "key", "route", "status", "reason", "upstream", "stream", "images", "image_bytes",
+    "time", "request_id", "key", "route", "status", "reason", "upstream", "stream", "images", "image_bytes", "dicom",
     "prompt_tokens", "completion_tokens", "ttfb_ms", "duration_ms",
 )  # fmt: skip
 _ENCODER = json.JSONEncoder(separators=(",", ":"))

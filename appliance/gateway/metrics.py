@@ -2,7 +2,8 @@
 
 Series (prefix ``clinic_edge_gateway_``): ``requests_total{route,status}``, ``rejections_total{reason}``,
 ``inflight_requests``, ``waiting_requests``, ``upstream_healthy{upstream}``, ``upstream_inflight{upstream}``,
-``ttfb_seconds`` and ``duration_seconds`` histograms (chat route), ``images_total`` and ``image_bytes_total``.
+``ttfb_seconds`` and ``duration_seconds`` histograms (chat route), ``images_total`` and ``image_bytes_total``,
+``dicom_images_total`` and the ``dicom_conversion_seconds`` histogram (DICOM images converted to PNG).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Metrics:
         self.duration = Histogram()
         self.images = 0
         self.image_bytes = 0
+        self.dicom_images = 0
+        self.dicom_conversion = Histogram()
         self.gauges: dict[str, Callable[[], float]] = {}
         self.labelled_gauges: dict[str, Callable[[], dict[str, float]]] = {}
 
@@ -70,6 +73,7 @@ class Metrics:
         out += [f'{PREFIX}rejections_total{{reason="{_label(r)}"}} {n}' for r, n in self.rejections.items()]
         out += [f"# TYPE {PREFIX}images_total counter", f"{PREFIX}images_total {self.images}"]
         out += [f"# TYPE {PREFIX}image_bytes_total counter", f"{PREFIX}image_bytes_total {self.image_bytes}"]
+        out += [f"# TYPE {PREFIX}dicom_images_total counter", f"{PREFIX}dicom_images_total {self.dicom_images}"]
         for name, read in self.gauges.items():
             out += [f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name} {read()}"]
         for name, read_all in self.labelled_gauges.items():
@@ -79,4 +83,6 @@ class Metrics:
         out += self.ttfb.render(PREFIX + "ttfb_seconds")
         out.append(f"# TYPE {PREFIX}duration_seconds histogram")
         out += self.duration.render(PREFIX + "duration_seconds")
+        out.append(f"# TYPE {PREFIX}dicom_conversion_seconds histogram")
+        out += self.dicom_conversion.render(PREFIX + "dicom_conversion_seconds")
         return "\n".join(out) + "\n"

@@ -7,10 +7,13 @@ workstation developer):
   JSON can carry: nested at most :data:`MAX_DEPTH` deep, no NaN or Infinity (nor numbers too large for a double),
   no unpaired UTF-16 surrogate escapes (``"\ud800"`` alone cannot be written as UTF-8, so vLLM could not read it);
 * content parts are ``text`` or ``image_url`` only — audio, video, files and embeddings are refused;
-* images are inline ``data:image/png|jpeg|webp;base64,...``: remote URLs (vLLM would fetch them itself), ``file:``
-  and every other scheme or MIME type are refused, so the gateway and vLLM open no outbound connection;
+* images are inline ``data:image/png|jpeg|webp;base64,...`` or ``data:application/dicom;base64,...``: remote URLs
+  (vLLM would fetch them itself), ``file:`` and every other scheme or MIME type are refused, so the gateway and vLLM
+  open no outbound connection;
 * at most ``max_images`` images, each at most ``max_image_bytes`` decoded and ``max_image_pixels`` pixels, all
-  read from the base64 text and the image header (see :mod:`images`) — nothing is decoded in full;
+  read from the base64 text and the image header (see :mod:`images`) — nothing is decoded in full; a DICOM file is
+  checked for size here and converted to PNG later, off the event loop (see :mod:`dicom`): its part is forwarded as
+  ``data:image/png;base64,`` followed by an empty slot in ``body`` that the conversion fills;
 * ``n`` is forced to 1 and ``max_tokens`` capped; request-supplied chat templates and processor overrides are refused.
 
 Speed: base64 payloads are cut out of the body before ``json.loads`` (a 4 MB string costs the JSON scanner
@@ -28,7 +31,7 @@ from typing import Any
 
 from appliance.gateway.images import ImageError, sniff_base64_image
 
-__all__ = ["MAX_DEPTH", "Limits", "RejectedError", "ValidRequest", "validate_chat"]
+__all__ = ["MAX_DEPTH", "DicomPart", "Limits", "RejectedError", "ValidRequest", "validate_chat"]
 
 _B64_MARK = b";base64,"
 _CUT_MIN = 512  # shorter payloads stay in the JSON (cutting them buys nothing)
@@ -40,7 +43,10 @@ _REFUSED_FIELDS = {
     "chat_template": "a request-supplied chat template",
     "mm_processor_kwargs": "per-request image processor settings",
 }
-_MIME_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp"}
+_MIME_FORMATS = {
+    "image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp", "application/dicom": "dicom",
+}  # fmt: skip
+_PNG_URL = "data:image/png;base64,"
 MAX_DEPTH = 64  # a chat request nests ~6 deep; tool schemas a few more (vLLM's parser refuses ~200)
 
 
@@ -56,7 +62,7 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 # allow_nan=False: a number that parsed as infinity (1e999) raises instead of becoming the non-JSON 'Infinity'.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 INLINE_HINT = (
-    "Send the radiograph inline: read the PNG or JPEG file and put it in the request as "
+    "Send the radiograph inline: read the PNG, JPEG or DICOM file and put it in the request as "
     '{"type": "image_url", "image_url": {"url": "data:image/png;base64,<base64 of the file>"}} '
     "(see docs/workstation.md)."
 )
@@ -83,6 +89,21 @@ class RejectedError(Exception):
         self.param = param
 
 
+@dataclass(frozen=True, slots=True)
+class DicomPart:
+    """A DICOM image waiting for conversion: its base64 is ``buf[start:end]``; its PNG goes to ``body[slot]``."""
+
+    where: str  # "messages[0].content[1]", for the error message
+    buf: bytes | bytearray
+    start: int
+    end: int
+    slot: int = -1
+
+    def base64(self) -> bytes:
+        """A copy of the base64 text (the worker process receives it through a pipe)."""
+        return bytes(self.buf[self.start : self.end])
+
+
 @dataclass(slots=True)
 class ValidRequest:
     """A checked request: the body to forward and the facts the audit log records."""
@@ -94,6 +115,7 @@ class ValidRequest:
     images: int = 0
     image_bytes: int = 0
     image_formats: list[str] = field(default_factory=list)
+    dicoms: list[DicomPart] = field(default_factory=list)  # to convert before forwarding; slots set
 
 
 class _Cut:
@@ -124,6 +146,12 @@ class _Cut:
         pieces.append(body[copied:])
         self.small = bytes(b"".join(pieces)) if self.segments else body
 
+    def slot_marker(self, index: int) -> str:
+        """A marker for DICOM conversion ``index``'s PNG (made when the request is checked, never sent)."""
+        if not self.prefix:
+            self.prefix = f"@ce-{secrets.token_hex(8)}-"
+        return f"{self.prefix}d{index}@"
+
     def payload(self, value: str) -> tuple[int, int] | None:
         """Where in the body the base64 a string's marker stands for lies, or None when it carries no marker."""
         if not self.prefix or not value.startswith(self.prefix):
@@ -133,15 +161,21 @@ class _Cut:
             return None
         return self.segments[int(idx)]
 
-    def splice(self, text: str) -> list[bytes | memoryview]:
-        """Serialised JSON with the markers replaced by views of the original base64 bytes (no copies)."""
-        if not self.segments:
+    def splice(self, text: str, dicoms: list[DicomPart]) -> list[bytes | memoryview]:
+        """Serialised JSON with the markers replaced by views of the original base64 bytes (no copies), and an empty
+        slot for each DICOM's PNG (its ``slot`` set to that piece's index)."""
+        if not self.prefix:
             return [text.encode()]
         view = memoryview(self.body)
         parts = text.split(self.prefix)
         out: list[bytes | memoryview] = [parts[0].encode()]
         for part in parts[1:]:
             idx, _, rest = part.partition("@")
+            if idx.startswith("d"):
+                k = int(idx[1:])
+                dicoms[k] = DicomPart(dicoms[k].where, dicoms[k].buf, dicoms[k].start, dicoms[k].end, len(out))
+                out += (b"", rest.encode())
+                continue
             start, end = self.segments[int(idx)]
             out += (view[start:end], rest.encode())
         return out
@@ -180,8 +214,8 @@ def _check_image(part: dict[str, Any], where: str, cut: _Cut, limits: Limits, re
     if fmt is None:
         raise _bad(
             "unsupported_image_type",
-            f"{where} has type '{mime[:40]}'; accepted are image/png, image/jpeg and image/webp. Export the "
-            "radiograph as PNG or JPEG and send it inline.",
+            f"{where} has type '{mime[:40]}'; accepted are image/png, image/jpeg, image/webp and "
+            "application/dicom. Export the radiograph as PNG, JPEG or DICOM and send it inline.",
             where,
         )
     if m.group(2).lower() != ";base64":
@@ -213,6 +247,17 @@ def _check_image(part: dict[str, Any], where: str, cut: _Cut, limits: Limits, re
             "Export the radiograph at a lower resolution or as JPEG.",
             where,
         )
+    if fmt == "dicom":  # pixels and header are checked by the conversion, which must not run on the event loop
+        req.dicoms.append(DicomPart(where, buf, start, end))
+        marker = cut.slot_marker(len(req.dicoms) - 1)
+        if isinstance(image, dict):
+            image["url"] = _PNG_URL + marker
+        else:
+            part["image_url"] = _PNG_URL + marker
+        req.images += 1
+        req.image_bytes += decoded
+        req.image_formats.append(fmt)
+        return
     try:
         facts = sniff_base64_image(fmt, buf, start, end)
     except ImageError as err:
@@ -337,7 +382,7 @@ def validate_chat(body: bytes | bytearray, limits: Limits) -> ValidRequest:
     obj["n"] = 1
     obj.pop("best_of", None)
     try:
-        req.body = cut.splice(_ENCODER.encode(obj))
+        req.body = cut.splice(_ENCODER.encode(obj), req.dicoms)
     except UnicodeEncodeError as err:  # a string held an unpaired surrogate escape such as "\ud800"
         raise _bad(
             "invalid_unicode",

@@ -2,7 +2,8 @@
 
 Usage: python client_probe.py CA_CERT API_KEY MODEL  — prints one JSON document with what happened.
 It talks only to https://127.0.0.1:8443 (the container's loopback) and names a remote image on 127.0.0.2,
-which the gateway must refuse without fetching it.
+which the gateway must refuse without fetching it. It also sends DICOM files (uncompressed, and JPEG-LS, which GDCM
+decodes in the gateway's worker processes), so the conversion is proven under the installed unit's hardening.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import io
 import json
 import socket
 import sys
+from pathlib import Path
 
 import httpx
 import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _png() -> str:
@@ -23,6 +27,17 @@ def _png() -> str:
     buf = io.BytesIO()
     Image.new("L", (64, 64), color=128).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _dicom(transfer_syntax: str) -> str:
+    from pydicom import uid
+
+    from tests.unit.gateway import dicomgen
+
+    syntax = getattr(uid, transfer_syntax)
+    pixels = dicomgen.radiograph(128, 160, bits=12)
+    frame = None if syntax == uid.ExplicitVRLittleEndian else dicomgen.compress(pixels, 12, syntax)
+    return dicomgen.data_url(dicomgen.dicom_file(pixels, syntax, frame=frame))
 
 
 def main() -> None:
@@ -71,6 +86,24 @@ def main() -> None:
             out["remote_image"] = {"status": 200}
         except openai.APIStatusError as err:
             out["remote_image"] = {"status": err.status_code}
+        for syntax in ("ExplicitVRLittleEndian", "JPEGLSLossless"):
+            try:
+                dicom_reply = client.chat.completions.create(
+                    model=model,
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "Describe this radiograph."},
+                                {"type": "image_url", "image_url": {"url": _dicom(syntax)}},
+                            ],
+                        }
+                    ],
+                    max_tokens=4,
+                )
+                out[f"dicom_{syntax}"] = {"choices": len(dicom_reply.choices)}
+            except openai.APIStatusError as err:
+                out[f"dicom_{syntax}"] = {"status": err.status_code, "body": str(err.body)[:300]}
         try:
             outside.accept()
             out["outside_contacted"] = True

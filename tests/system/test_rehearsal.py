@@ -149,6 +149,9 @@ def test_the_gateway_answers_over_tls_and_refuses_remote_images(rehearsal: Rehea
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["inline_image"]["choices"] == 1
+    # DICOM converted in the gateway's worker processes, under the installed unit's sandbox.
+    assert result["dicom_ExplicitVRLittleEndian"] == {"choices": 1}, result
+    assert result["dicom_JPEGLSLossless"] == {"choices": 1}, result
     assert result["remote_image"]["status"] == 400
     assert result["outside_contacted"] is False
     assert result["wrong_key"]["status"] == 401

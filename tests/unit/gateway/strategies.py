@@ -1,6 +1,6 @@
 """Hypothesis strategies for whole HTTP requests to the gateway, shaped by docs/openapi.yaml: its two routes and the
 chat body's fields, then bent every way the description forbids (wrong types, non-finite numbers, lone surrogates,
-deep nesting, remote and malformed images, mangled bytes, odd heads and framings).
+deep nesting, remote and malformed images (DICOM too), mangled bytes, odd heads and framings).
 
 Every request is framed so that the gateway can tell where it ends (Content-Length equals the body sent, or the
 chunks add up): a request that waits for bytes that never come would only measure a timeout."""
@@ -15,6 +15,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 from PIL import Image
+from pydicom import uid
+
+from tests.unit.gateway.dicomgen import dicom_file, radiograph
 
 __all__ = ["HEAD_ONLY", "http_requests"]
 
@@ -28,7 +31,14 @@ def _image(fmt: str, size: tuple[int, int], noise: bool = False) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-_PAYLOADS = [_image("PNG", (8, 6)), _image("JPEG", (9, 7)), _image("WEBP", (5, 5)), _image("PNG", (40, 40), True)]
+def _dicom(ts: str) -> str:
+    return base64.b64encode(dicom_file(radiograph(12, 16, 12), ts)).decode()
+
+
+_PAYLOADS = [
+    _image("PNG", (8, 6)), _image("JPEG", (9, 7)), _image("WEBP", (5, 5)), _image("PNG", (40, 40), True),
+    _dicom(uid.ExplicitVRLittleEndian), _dicom(uid.RLELossless), _dicom(uid.JPEG2000Lossless),
+]  # fmt: skip
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 texts = st.text(max_size=24) | st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=3)
@@ -61,7 +71,19 @@ def _payload(draw: st.DrawFn) -> str:
 image_urls = st.one_of(
     st.builds(
         "data:{}{},{}".format,
-        st.sampled_from(["image/png", "image/jpeg", "image/webp", "IMAGE/PNG", "image/gif", "text/plain", ""]),
+        st.sampled_from(
+            [
+                "image/png",
+                "image/jpeg",
+                "image/webp",
+                "IMAGE/PNG",
+                "image/gif",
+                "text/plain",
+                "",
+                "application/dicom",
+                "Application/DICOM",
+            ]
+        ),
         st.sampled_from([";base64", "", ";charset=utf-8;base64", ";BASE64"]),
         _payload(),
     ),

@@ -18,6 +18,7 @@ _CODE_PATTERNS = [
     r'return None, "(\w+)", f?"',
     r'\(\d{3}, "(\w+)"\)',
     r'return "(\w+)"',
+    r'"(\w+_dicom)",?\s*\)',  # DicomError(message, code)
 ]
 
 
