@@ -81,6 +81,12 @@ def box(tmp_path: Path) -> dict[str, Path]:
     """A fake root with what an install leaves, the uninstaller rendered for it, and the PATH stubs."""
     root = tmp_path / "root"
     defaults = yaml.safe_load(DEFAULTS.read_text())
+    # The facts the roles share (playbooks/group_vars/all.yml) fill in the defaults that refer to them.
+    shared = yaml.safe_load((PLAYBOOKS / "group_vars/all.yml").read_text())
+    defaults = {
+        key: shared[value[3:-3].strip()] if isinstance(value, str) and value[3:-3].strip() in shared else value
+        for key, value in defaults.items()
+    }
     paths = {
         key: str(root) + value
         for key, value in defaults.items()
