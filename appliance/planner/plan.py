@@ -23,7 +23,7 @@ from appliance.planner.safetensors_header import read_checkpoint
 from appliance.planner.topology import sessions_per_replica, tp_candidates
 from appliance.planner.unified import START_MARGIN_GIB, clinic_limits, kv_for_sessions, sized_budget, start_utilization
 from appliance.planner.weights_estimate import estimate_weights
-from appliance.vllm_server import CPU_PROFILE_ARGS, CPU_PROFILE_ENV
+from appliance.vllm_server import CPU_PROFILE
 
 __all__ = ["DEFAULT_UNIFIED_RESERVE_GIB", "UNIFIED_MAX_UTILIZATION", "Plan", "PlanInputs", "make_plan"]
 
@@ -40,8 +40,6 @@ QUANTIZED_ALTERNATIVES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("4-bit AWQ (group 128)", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}),
 )
 BIGGER_BOXES = ("h200",)
-CPU_DEFAULT_MAX_LEN = int(CPU_PROFILE_ARGS[CPU_PROFILE_ARGS.index("--max-model-len") + 1])
-CPU_DEFAULT_KV_GIB = int(CPU_PROFILE_ENV["VLLM_CPU_KVCACHE_SPACE"])
 
 
 @dataclass(frozen=True)
@@ -218,7 +216,7 @@ def _check_inputs(inputs: PlanInputs, facts: ModelFacts) -> tuple[int, int]:
     images = images if images is not None else (1 if facts.vision is not None else 0)
     limit = facts.max_position_embeddings
     if inputs.max_model_len is None:
-        max_len = CPU_DEFAULT_MAX_LEN if inputs.hardware.kind == "cpu" else limit
+        max_len = CPU_PROFILE.max_model_len if inputs.hardware.kind == "cpu" else limit
     else:
         max_len = inputs.max_model_len
         if max_len < 1:
@@ -497,7 +495,7 @@ def _cpu_plan(ctx: _Ctx) -> Plan:
     hw = inputs.hardware
     if inputs.tp not in (None, 1):
         raise UsageError("--tp with --hardware cpu.", "The CPU profile runs one vLLM process; drop --tp.")
-    kv_gib = CPU_DEFAULT_KV_GIB if inputs.kv_cache_gib is None else int(inputs.kv_cache_gib)
+    kv_gib = CPU_PROFILE.kv_cache_gib if inputs.kv_cache_gib is None else int(inputs.kv_cache_gib)
     if kv_gib < 1:
         raise UsageError(
             f"--kv-cache-gib {inputs.kv_cache_gib} on cpu: vLLM's CPU build takes whole GiB (VLLM_CPU_KVCACHE_SPACE).",

@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from appliance.planner.accounting import GIB, Budget
-from appliance.planner.envfile import replica_env, vllm_args
+from appliance.planner.envfile import BASE_PORT, replica_env, vllm_args
 from appliance.planner.plan import Plan
 
 __all__ = ["SCHEMA", "plan_document", "plan_table"]
@@ -30,7 +30,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         replicas.append(
             {
                 "index": i,
-                "port": 8000 + i,
+                "port": BASE_PORT + i,
                 "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
                 "vllm_args": vllm_args(plan, i),
                 "env": {key: v for key, v in env.items() if key != "CLINIC_EDGE_VLLM_ARGS"},

@@ -15,10 +15,9 @@ memory, which NVML reports and preflight covers. Which pages the kernel really d
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from appliance.hardware import read_meminfo
 from appliance.planner.accounting import GIB, Knobs, parse_version
 from appliance.planner.hardware_profile import HardwareProfile, named_profile
 from appliance.planner.plan import DEFAULT_UNIFIED_RESERVE_GIB, MIN_USEFUL_TOKENS, Plan, PlanInputs, make_plan
+from appliance.planner.plan_file import PlanFile, read_plan_file
 
 __all__ = [
     "DEFAULT_PLAN",
@@ -90,32 +90,10 @@ class GateResult:
         return asdict(self)
 
 
-def read_plan_file(path: Path) -> dict[str, Any]:
-    """``plan.json`` as a dict; InputError when it is missing or not a JSON object."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InputError(
-            f"Cannot read the vLLM plan {path}: {why}.",
-            "Write it with `clinic-edge plan MODEL --write-env /etc/clinic-edge/vllm` (the installer does), or pass "
-            "--plan with the right path.",
-        ) from exc
-    if not isinstance(doc, dict):
-        raise InputError(f"The vLLM plan {path} is not a JSON object.", "Write it again with `clinic-edge plan`.")
-    return doc
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _replan(doc: dict[str, Any], model: str) -> tuple[list[str], PlanInputs]:
+def _replan(plan: PlanFile, model: str) -> tuple[list[str], PlanInputs]:
     """The `clinic-edge plan` command that re-plans this plan (without --max-model-len), and the same as inputs."""
-    hw_doc = doc.get("hardware")
-    hw: dict[str, Any] = hw_doc if isinstance(hw_doc, dict) else {}
-    name = str(hw.get("name", "auto"))
-    total = _number(doc.get("total_gib")) or 0.0
+    name = plan.hardware_name or "auto"
+    total = plan.total_gib or 0.0
     if name in NAMED_BOXES:
         argv = ["clinic-edge", "plan", model, "--hardware", name]
         hardware = named_profile(name, None)
@@ -124,40 +102,35 @@ def _replan(doc: dict[str, Any], model: str) -> tuple[list[str], PlanInputs]:
         hardware = HardwareProfile("custom", "cuda", 1, total, True)
     else:  # planned on the box (--hardware auto): search with the figures it measured then
         argv = ["clinic-edge", "plan", model, "--hardware", "auto"]
-        hardware = HardwareProfile("custom", "cuda", 1, total, True, _number(hw.get("available_gib")))
-    args_doc = doc.get("vllm_args")
-    args: list[Any] = args_doc if isinstance(args_doc, list) else []
+        hardware = HardwareProfile("custom", "cuda", 1, total, True, plan.available_gib)
+    args = plan.vllm_args
     knobs = Knobs()
-    if isinstance(doc.get("vllm_version"), str):
-        argv += ["--vllm-version", doc["vllm_version"]]
-        knobs = dataclasses.replace(knobs, vllm_version=parse_version(doc["vllm_version"]))
+    if plan.vllm_version is not None:
+        argv += ["--vllm-version", plan.vllm_version]
+        knobs = dataclasses.replace(knobs, vllm_version=parse_version(plan.vllm_version))
     if "--kv-cache-dtype" in args[:-1]:
-        value = str(args[args.index("--kv-cache-dtype") + 1])
+        value = args[args.index("--kv-cache-dtype") + 1]
         argv += ["--kv-cache-dtype", value]
         knobs = dataclasses.replace(knobs, kv_cache_dtype=value)
     if "--block-size" in args[:-1]:
-        value = str(args[args.index("--block-size") + 1])
+        value = args[args.index("--block-size") + 1]
         argv += ["--block-size", value]
         knobs = dataclasses.replace(knobs, block_size=int(value))
     if "--enforce-eager" in args:
         argv.append("--enforce-eager")
         knobs = dataclasses.replace(knobs, enforce_eager=True)
-    weights = _number(doc.get("weights_gib")) if doc.get("weights_source") == "--weights-gib" else None
+    weights = plan.weights_gib if plan.weights_source == "--weights-gib" else None
     if weights is not None:
         argv += ["--weights-gib", f"{weights:g}"]  # unified boxes have one GPU: per rank = whole model
-    reserve = _number(doc.get("unified_reserve_gib"))
+    reserve = plan.unified_reserve_gib
     if reserve is not None and reserve != DEFAULT_UNIFIED_RESERVE_GIB:
         argv += ["--reserve-gib", f"{reserve:g}"]
-    model_doc = doc.get("model")
-    multimodal = isinstance(model_doc, dict) and bool(model_doc.get("multimodal"))
-    images = _number(doc.get("images_per_request")) if multimodal else None
+    images = plan.images_per_request if plan.multimodal else None
     if images is not None:
         argv += ["--images-per-request", f"{images:g}"]
-    given = doc.get("concurrency")
-    concurrency = given if isinstance(given, int) and given >= 1 else 1
+    concurrency = plan.concurrency if plan.concurrency is not None and plan.concurrency >= 1 else 1
     argv += ["--concurrency", str(concurrency)]
-    named = doc.get("served_model_name")
-    served = named if isinstance(named, str) else None
+    served = plan.served_model_name
     if served:
         argv += ["--served-model-name", served]
     inputs = PlanInputs(
@@ -173,35 +146,33 @@ def _replan(doc: dict[str, Any], model: str) -> tuple[list[str], PlanInputs]:
     return [*argv, "--write-env", str(DEFAULT_PLAN.parent)], inputs
 
 
-def gate_plan(doc: dict[str, Any]) -> GatePlan:
-    """The gate's view of a ``plan.json`` document; InputError when a figure it needs is missing."""
-    hw = doc.get("hardware")
-    unified = isinstance(hw, dict) and bool(hw.get("unified")) and hw.get("kind") == "cuda"
-    util, total = doc.get("gpu_memory_utilization"), doc.get("total_gib")
-    args = doc.get("vllm_args")
-    args = args if isinstance(args, list) else []
-    model = str(args[args.index("--model") + 1]) if "--model" in args[:-1] else None
-    if not unified:
+def gate_plan(plan: PlanFile | Mapping[str, Any]) -> GatePlan:
+    """The gate's view of ``plan.json`` (read, or as its parsed document); InputError when a figure it needs is
+    missing."""
+    plan = plan if isinstance(plan, PlanFile) else PlanFile.from_document(plan)
+    util, total, args = plan.gpu_memory_utilization, plan.total_gib, plan.vllm_args
+    model = args[args.index("--model") + 1] if "--model" in args[:-1] else None
+    if not plan.unified:
         return GatePlan(False, 0.0, 0, 0, None, [], None, 0)
-    if not isinstance(util, int | float) or not isinstance(total, int | float) or model is None:
+    if util is None or total is None or model is None:
         raise InputError(
             "The vLLM plan lacks gpu_memory_utilization, total_gib or vLLM's --model argument.",
             "Write it again with `clinic-edge plan MODEL --write-env /etc/clinic-edge/vllm`.",
         )
     total_bytes = int(total * GIB)
-    argv, inputs = _replan(doc, model)
-    requested = doc.get("requested_bytes")
-    if not isinstance(requested, int):  # plans written before the planner recorded it
+    argv, inputs = _replan(plan, model)
+    requested = plan.requested_bytes
+    if requested is None:  # plans written before the planner recorded it
         requested = math.ceil(total_bytes * util)
     return GatePlan(
         unified=True,
-        utilization=float(util),
+        utilization=util,
         total_bytes=total_bytes,
         requested_bytes=requested,
         model_dir=Path(model),
         replan_argv=argv,
         replan_inputs=inputs,
-        max_model_len=int(doc.get("max_model_len") or 0),
+        max_model_len=plan.max_model_len or 0,
     )
 
 

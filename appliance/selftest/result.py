@@ -7,7 +7,6 @@ vLLM flags of every replica, the model and the hardware, so that a result read m
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.errors import InputError
+from appliance.planner.plan_file import read_plan_document
 from appliance.selftest.verdict import Verdict
 
 __all__ = ["SCHEMA", "build_result", "hardware_snapshot", "read_plan", "read_vllm_flags", "utc_now"]
@@ -32,12 +33,12 @@ def utc_now() -> dt.datetime:
 
 
 def read_plan(path: Path = DEFAULT_PLAN) -> dict[str, Any] | None:
-    """The planner's ``plan.json``, or ``None`` when there is none (or it is unreadable)."""
+    """The planner's ``plan.json`` as its whole document (the result keeps it as it was), or ``None`` when there
+    is none (or it is unreadable)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_plan_document(path)
+    except InputError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 def read_vllm_flags(env_dir: Path = DEFAULT_VLLM_ENV_DIR) -> dict[str, list[str]] | None:

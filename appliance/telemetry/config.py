@@ -2,47 +2,39 @@
 
 from __future__ import annotations
 
-import json
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from appliance.errors import InputError
+from appliance.planner.envfile import BASE_PORT
+from appliance.planner.plan_file import PlanFile, read_plan_file
 from appliance.telemetry.parts import ConfigPart
 
 __all__ = ["DEFAULT_GATEWAY_PORT", "ConfigSource", "read_plan", "replica_urls"]
 
 DEFAULT_GATEWAY_PORT = 8443
-FIRST_VLLM_PORT = 8000
+FIRST_VLLM_PORT = BASE_PORT  # replica i listens on 127.0.0.1:(BASE_PORT + i)
 
 
-def read_plan(etc_dir: Path) -> dict[str, Any] | None:
-    """The planner's document from ``ETC/vllm/plan.json``, or ``None`` when it is missing or unreadable."""
+def read_plan(etc_dir: Path) -> PlanFile | None:
+    """The planner's ``ETC/vllm/plan.json``, or ``None`` when it is missing or unreadable."""
     try:
-        doc = json.loads((etc_dir / "vllm" / "plan.json").read_text())
-    except (OSError, ValueError):
+        return read_plan_file(etc_dir / "vllm" / "plan.json")
+    except InputError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def replica_urls(plan: dict[str, Any] | None) -> list[str]:
+def replica_urls(plan: PlanFile | Mapping[str, Any] | None) -> list[str]:
     """The loopback URLs of the plan's vLLM replicas: their ``port``s, else 8000+i for ``topology.replicas``."""
-    listed = plan.get("replicas") if plan else None
-    if isinstance(listed, list):
-        ports = [_int(r.get("port")) for r in listed if isinstance(r, dict)]
-        if ports and all(ports):
-            return [f"http://127.0.0.1:{port}" for port in ports]
-    topology = plan.get("topology") if plan else None
-    replicas = _int(topology.get("replicas")) if isinstance(topology, dict) else None
+    if plan is not None and not isinstance(plan, PlanFile):
+        plan = PlanFile.from_document(plan)
+    if plan is not None and plan.replica_ports:
+        return [f"http://127.0.0.1:{port}" for port in plan.replica_ports]
+    replicas = plan.replicas if plan is not None else None
     return [f"http://127.0.0.1:{FIRST_VLLM_PORT + i}" for i in range(replicas or 1)]
 
 
@@ -79,25 +71,21 @@ class ConfigSource:
         plan = read_plan(self.etc_dir)
         if plan is None:
             problems.append(f"{self.etc_dir / 'vllm' / 'plan.json'} missing or not JSON")
-            plan = {}
+            plan = PlanFile.from_document({})
         port = _text(answers, "appliance_port", "port", "gateway_port") or str(DEFAULT_GATEWAY_PORT)
         endpoint = _text(answers, "endpoint", "endpoint_url")
         if endpoint is None and answers:
             endpoint = f"https://{self.hostname}:{port}/v1"
-        topology: dict[str, Any] = plan["topology"] if isinstance(plan.get("topology"), dict) else {}
-        hardware = plan.get("hardware")
-        kv = plan.get("kv_cache_gib")
         return ConfigPart(
             hostname=self.hostname,
             endpoint=endpoint,
-            model=_text(answers, "appliance_model_name", "served_model_name", "model_name")
-            or _text(plan, "served_model_name", "model"),
-            plan_verdict=_text(plan, "verdict"),
-            replicas=_int(topology.get("replicas")),
-            tp=_int(topology.get("tp")),
-            max_model_len=_int(plan.get("max_model_len")),
-            max_concurrency=_float(plan.get("max_concurrency")),
-            kv_cache_gib=_float(kv),
-            hardware=_text(hardware, "name", "profile") if isinstance(hardware, dict) else _text(plan, "hardware"),
+            model=_text(answers, "appliance_model_name", "served_model_name", "model_name") or plan.model_name,
+            plan_verdict=plan.verdict,
+            replicas=plan.replicas,
+            tp=plan.tp,
+            max_model_len=plan.max_model_len,
+            max_concurrency=plan.max_concurrency,
+            kv_cache_gib=plan.kv_cache_gib,
+            hardware=plan.hardware_name,
             error="; ".join(problems) or None,
         )

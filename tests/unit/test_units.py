@@ -104,11 +104,11 @@ def test_vllm_unit_keeps_the_gpu_and_stays_on_loopback() -> None:
 
 def test_vllm_keeps_idle_connections_longer_than_the_gateway_reuses_them() -> None:
     from appliance.gateway.config import GatewayConfig
-    from appliance.vllm_server import CPU_PROFILE_ENV
+    from appliance.vllm_server import SERVING_ENV
 
     env = dict(kv.split("=", 1) for k, v in _directives("clinic-edge-vllm@.service") if k == "Environment"
                for kv in v.split())  # fmt: skip
-    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == CPU_PROFILE_ENV["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == SERVING_ENV["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]
     assert float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > GatewayConfig().upstream_keepalive_s
 
 
