@@ -42,6 +42,7 @@ __all__ = [
     "Report",
     "add_arguments",
     "check_lines",
+    "checks_from_args",
     "fabric_word",
     "gpu_checks",
     "main",
@@ -646,6 +647,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def checks_from_args(args: argparse.Namespace) -> Report:
+    """:func:`run_checks` with the flags :func:`add_arguments` defined (both entries parse the same ones)."""
+    return run_checks(
+        args.profile,
+        args.model,
+        args.port,
+        args.state_dir,
+        prefix=getattr(args, "prefix", Path("/opt/clinic-edge")),
+        model_name=args.model_name,
+        plan_file=args.plan_file,
+        replan=args.replan,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: ``python3 preflight.py --profile P --model DIR --port N [--json]``.
 
@@ -669,16 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=Path, default=Path("/opt/clinic-edge"))
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
-    report = run_checks(
-        args.profile,
-        args.model,
-        args.port,
-        args.state_dir,
-        prefix=args.prefix,
-        model_name=args.model_name,
-        plan_file=args.plan_file,
-        replan=args.replan,
-    )
+    report = checks_from_args(args)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from appliance.cli import EXIT_NEGATIVE, Outcome
-from appliance.preflight import add_arguments, check_lines, run_checks
+from appliance.preflight import add_arguments, check_lines, checks_from_args
 
 __all__ = ["register"]
 
@@ -24,15 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], co
 
 
 def _preflight(args: argparse.Namespace) -> Outcome:
-    report = run_checks(
-        args.profile,
-        args.model,
-        args.port,
-        args.state_dir,
-        model_name=args.model_name,
-        plan_file=args.plan_file,
-        replan=args.replan,
-    )
+    report = checks_from_args(args)
     lines = check_lines(report)
     lines.append(f"profile: {report.profile} — " + ("ready" if report.passed else "NOT ready"))
     return Outcome(data=report.to_dict(), text="\n".join(lines), exit_code=0 if report.passed else EXIT_NEGATIVE)
