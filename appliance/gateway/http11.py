@@ -1,9 +1,8 @@
 """The gateway's HTTP/1.1 server side: an asyncio protocol with httptools' C parser, no framework.
 
-Why not uvicorn + ASGI: with ASGI every streamed chunk wakes the request's task and goes through ``await send()``;
-at 64 streams that per-chunk task switch was the gateway's whole cost (benchmark: +18 ms TTFT p50, 0.72x nginx's relay
-rate). Here the handler runs inside the read that completed the request, and upstream bytes go from the upstream
-protocol's callback straight to this connection's transport, like nginx; a task exists only while a request waits.
+The handler runs inside the read that completed the request, and upstream bytes go from the upstream protocol's
+callback straight to this connection's transport, like nginx; a task exists only while a request waits. Why this
+rather than an ASGI app, and what to test when changing it: docs/gateway.md.
 
 One request at a time per connection (pipelined requests queue behind it); keep-alive; TLS comes from the event loop
 (``create_server(ssl=...)``).

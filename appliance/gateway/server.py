@@ -78,7 +78,7 @@ def run(cfg: GatewayConfig) -> None:
     """Run :func:`serve` on uvloop (asyncio's loop when uvloop is missing)."""
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+    except ImportError:  # pragma: no cover - uvloop is a dependency; without its wheel the gateway still runs
         asyncio.run(serve(cfg))
         return
     uvloop.run(serve(cfg))
