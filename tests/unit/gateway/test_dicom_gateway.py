@@ -8,13 +8,11 @@ import asyncio
 import base64
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import pytest_asyncio
 from PIL import Image
 from pydicom import uid
 
@@ -29,13 +27,10 @@ pytestmark = pytest.mark.asyncio
 ROWS, COLS = 120, 160
 
 
-@pytest_asyncio.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[Door]:
-    d, task, runner = await open_door(tmp_path, tls=False)
-    try:
-        yield d
-    finally:
-        await close_door(task, runner)
+@pytest.fixture
+def gw(plain_door: Door) -> Door:
+    """The plain-HTTP gateway of the battery's conftest."""
+    return plain_door
 
 
 def dicom_part(data: bytes) -> dict[str, Any]:

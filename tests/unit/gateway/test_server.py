@@ -16,10 +16,10 @@ import pytest_asyncio
 from aiohttp import web
 
 from appliance.gateway.config import GatewayConfig
-from appliance.gateway.server import serve
 from appliance.keys import add_key
 from appliance.wire import SSEParser, classify
 from tests.conftest import free_port
+from tests.unit.gateway.conftest import start_gateway
 
 pytestmark = pytest.mark.asyncio
 
@@ -114,26 +114,15 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     runner = await _upstream(script, up_port)
     keys = tmp_path / "keys.json"
     key = add_key(keys, "ws")
-    for _attempt in range(3):  # free_port() can lose its port to another socket before the gateway binds it
-        gw_port = free_port()
-        cfg = GatewayConfig(
+
+    def config(port: int) -> GatewayConfig:
+        return GatewayConfig(
             upstreams=[f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{up_port}"],  # one replica is down
-            listen=f"127.0.0.1:{gw_port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
+            listen=f"127.0.0.1:{port}", keys_file=keys, audit_log=tmp_path / "audit.jsonl", health_interval_s=0.2,
             first_byte_timeout_s=0.5, stall_timeout_s=0.4, max_per_key=1, queue_timeout_s=5,
         )  # fmt: skip
-        started = asyncio.Event()
-        task = asyncio.create_task(serve(cfg, started))
-        waiter = asyncio.create_task(started.wait())
-        await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if started.is_set():
-            break
-        if task.done() and isinstance(task.exception(), OSError):
-            continue
-        task.cancel()
-        raise RuntimeError(f"the gateway did not start: {task.exception() if task.done() else 'timeout'}")
-    else:
-        raise RuntimeError("no free port for the gateway after 3 tries")
+
+    task, gw_port = await start_gateway(config)
     try:
         yield Env(f"http://127.0.0.1:{gw_port}", key, script, tmp_path / "audit.jsonl")
     finally:
