@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import require
+
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOKS = ROOT / "playbooks"
 TEMPLATE = PLAYBOOKS / "roles/base/templates/clinic-edge-uninstall.sh.j2"
@@ -45,8 +47,7 @@ grep -qx "$1" "$STUB_USERS"
 def render(dest: Path, overrides: dict[str, object] | None = None) -> Path:
     """The template rendered by Ansible itself, with the role's defaults (and ``overrides``), as an install does."""
     ansible = Path(sys.executable).parent / "ansible"
-    if not ansible.exists():
-        pytest.skip("ansible is not installed in this venv")
+    require(ansible.exists(), "ansible is not installed in this venv (pip install -e '.[test]')")
     env = os.environ | {
         "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"),
         "ANSIBLE_LOCAL_TEMP": str(dest.parent / ".ansible-tmp"),
@@ -65,8 +66,7 @@ def test_the_rendered_uninstaller_is_posix_sh_with_this_installs_values_baked_in
     script = render(tmp_path / "clinic-edge-uninstall")
     assert script.stat().st_mode & 0o777 == 0o755
     subprocess.run(["sh", "-n", str(script)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed")
+    require(shutil.which("shellcheck") is not None, "shellcheck is not installed (apt-get install shellcheck)")
     lint = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True, text=True, check=False)
     assert lint.returncode == 0, lint.stdout
     text = script.read_text()
